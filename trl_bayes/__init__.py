@@ -1,0 +1,22 @@
+"""trl_bayes: Bayesian (Laplace-LoRA) reward models for LLM alignment, inside TRL."""
+
+from .laplace_lora import HessianStructure, KFACApprox, PriorPrecisionMethod, SubsetOfWeights
+from .reward import BayesianRewardModel, PenalizedReward, Penalty, combine_gaussians, penalized_reward
+from .reward_config import BayesianRewardConfig
+from .reward_trainer import BayesianRewardTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BayesianRewardConfig",
+    "BayesianRewardModel",
+    "BayesianRewardTrainer",
+    "HessianStructure",
+    "KFACApprox",
+    "PenalizedReward",
+    "Penalty",
+    "PriorPrecisionMethod",
+    "SubsetOfWeights",
+    "combine_gaussians",
+    "penalized_reward",
+]

@@ -1,0 +1,350 @@
+"""Laplace-LoRA for reward models: the pair adapter, parameter selection, the posterior fit, the linearized (GLM)
+predictive and (de)serialization. Pure PyTorch + laplace-torch; distributed reductions come in as a callable so that
+this module never touches a process group itself.
+
+Vocabulary follows laplace-torch: `hessian_structure`, `prior_precision`, `optimize_prior_precision`, `subset_of_weights`.
+Reference: Yang et al., "Bayesian Reward Models for LLM Alignment" (arXiv 2402.13210) and "Bayesian Low-rank Adaptation
+for Large Language Models" (arXiv 2308.13111).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from enum import Enum
+from typing import Any
+
+import torch
+from laplace import Laplace
+from laplace.baselaplace import DiagLaplace, FullLaplace, KronLaplace, ParametricLaplace
+from laplace.utils import Kron
+from torch import nn
+from torch.utils.data import DataLoader
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over processes and returns the sum (identity on a single process)."""
+
+
+class HessianStructure(str, Enum):
+    """Structure of the GGN curvature (and so of the posterior precision) over the Laplace weights."""
+
+    KRON = "kron"
+    """Kronecker-factored (K-FAC) blocks per weight matrix: memory ~ sum of squared layer widths. The default."""
+    DIAG = "diag"
+    """Diagonal of the exact GGN: memory ~ number of weights, ignores all correlations."""
+    FULL = "full"
+    """Dense GGN: memory ~ (number of weights)^2. Exact, for small models and tests only."""
+
+
+class SubsetOfWeights(str, Enum):
+    """Which trainable weights carry the posterior; every other weight stays at its MAP value."""
+
+    ALL = "all"
+    """All trainable weights: the LoRA factors plus the score head (PEFT's `modules_to_save`)."""
+    LORA = "lora"
+    """The LoRA factors only; the score head is treated as fixed."""
+
+
+class PriorPrecisionMethod(str, Enum):
+    """How `prior_precision` is chosen after the fit."""
+
+    MARGLIK = "marglik"
+    """Maximize the Laplace approximation of the log marginal likelihood on the training pairs (no held-out data)."""
+    GRIDSEARCH = "gridsearch"
+    """Minimize the held-out Bradley-Terry NLL of the probit-approximated predictive over a log-spaced grid."""
+
+
+class KFACApprox(str, Enum):
+    """How K-FAC treats the sequence (weight-sharing) dimension; Eschenhagen et al., NeurIPS 2023 (arXiv 2311.00636)."""
+
+    REDUCE = "reduce"
+    """Sum activations over tokens before the outer product: right for one output per sequence (a reward)."""
+    EXPAND = "expand"
+    """Treat every token as an example: right for per-token losses (language modeling). Much smaller variances here."""
+
+
+class RewardPairModel(nn.Module):
+    """Adapts a sequence-classification reward model to laplace-torch's `likelihood="reward_modeling"` protocol.
+
+    Fitting: `batch["input_ids"]` of shape `(B, 2, L)` (chosen, rejected) -> logits `(B, 2)` = [r(chosen), r(rejected)]
+    with target class 0, i.e. the Bradley-Terry likelihood as a 2-class softmax.
+    Prediction: `batch["input_ids"]` of shape `(B, L)` -> rewards `(B, 1)`.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        if input_ids.ndim == 3:
+            logits = self.model(input_ids=input_ids.flatten(0, 1), attention_mask=attention_mask.flatten(0, 1)).logits
+            return logits.view(input_ids.shape[0], 2)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def select_laplace_parameters(model: nn.Module, subset_of_weights: SubsetOfWeights | str) -> list[str]:
+    """Mark the weights that carry the posterior as the only ones requiring grad; return their names in order.
+
+    Raises:
+        ValueError: when the model has no LoRA weights (the posterior is over a LoRA adapter).
+    """
+    subset_of_weights = SubsetOfWeights(subset_of_weights)
+    named = list(model.named_parameters())
+    if not any("lora_" in name for name, _ in named):
+        raise ValueError(
+            "The reward model has no LoRA weights: Laplace-LoRA needs a PEFT model. Pass "
+            "`peft_config=LoraConfig(task_type='SEQ_CLS', ...)` to the trainer or load a `PeftModel`."
+        )
+    trainable = {name for name, p in named if p.requires_grad}
+    if subset_of_weights == SubsetOfWeights.LORA:
+        selected = {name for name in trainable if "lora_" in name}
+    else:
+        selected = trainable
+    if not selected:
+        raise ValueError(
+            f"No trainable weights match subset_of_weights='{subset_of_weights.value}'. Is the adapter active and "
+            "trainable (`model.train()` / `is_trainable=True` when loading)?"
+        )
+    for name, param in named:
+        param.requires_grad_(name in selected)
+    return [name for name, _ in named if name in selected]
+
+
+def collate_pairs(pairs: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token ids of `(chosen, rejected)` pairs into the fitting batch.
+
+    Returns:
+        `input_ids`, `attention_mask` of shape `(B, 2, L)` and `labels` `(B,)` of zeros (chosen is class 0).
+    """
+    length = max(max(len(c), len(r)) for c, r in pairs)
+    input_ids = torch.full((len(pairs), 2, length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(pairs), 2, length), dtype=torch.long)
+    for i, pair in enumerate(pairs):
+        for j, ids in enumerate(pair):
+            input_ids[i, j, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, j, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.zeros(len(pairs), dtype=torch.long)}
+
+
+def shard_batches(num_pairs: int, batch_size: int, process_index: int, num_processes: int) -> list[list[int]]:
+    """This process's share of the global fitting batches.
+
+    The global batches are the same for any number of processes (consecutive pairs, `batch_size` each), and they are
+    dealt round-robin; so the summed curvature does not depend on how many processes share the work.
+    """
+    batches = [list(range(i, min(i + batch_size, num_pairs))) for i in range(0, num_pairs, batch_size)]
+    if len(batches) < num_processes:
+        raise ValueError(
+            f"The posterior fit has {num_pairs} pairs, i.e. {len(batches)} batches of `posterior_batch_size`="
+            f"{batch_size}, fewer than the {num_processes} processes: lower `posterior_batch_size` or use more pairs."
+        )
+    return batches[process_index::num_processes]
+
+
+def make_laplace(
+    pair_model: RewardPairModel,
+    hessian_structure: HessianStructure | str,
+    prior_precision: float | torch.Tensor = 1.0,
+    kfac_approx: KFACApprox | str = KFACApprox.REDUCE,
+) -> ParametricLaplace:
+    """An unfitted laplace-torch posterior over the weights of `pair_model` that require grad."""
+    hessian_structure = HessianStructure(hessian_structure)
+    kwargs: dict[str, Any] = {}
+    if hessian_structure == HessianStructure.KRON:
+        # laplace-torch forwards these to curvlinops' KFACLinearOperator.
+        kwargs["asdl_fisher_kwargs"] = {"kfac_approx": KFACApprox(kfac_approx).value}
+    return Laplace(
+        pair_model,
+        "reward_modeling",
+        subset_of_weights="all",  # "all" weights that require grad: `select_laplace_parameters` decided which
+        hessian_structure=hessian_structure.value,
+        prior_precision=prior_precision,
+        **kwargs,
+    )
+
+
+def fit_laplace(
+    la: ParametricLaplace,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    pad_token_id: int,
+    batch_size: int,
+    process_index: int = 0,
+    num_processes: int = 1,
+    all_reduce: AllReduce | None = None,
+    progress_bar: bool = False,
+    device: torch.device | str = "cpu",
+) -> ParametricLaplace:
+    """Fit the GGN curvature of the Bradley-Terry likelihood on this process's share of `pairs`, then sum it over
+    processes with `all_reduce` so that every process holds the posterior of the whole data set.
+
+    laplace-torch has no data-parallel support (its issue #5); each process runs its stock `fit` on its shard, then
+    the additive pieces (the curvature and the loss) are summed. `n_data` is the global count on every process.
+    """
+    if len(pairs) == 0:
+        raise ValueError("The posterior fit got an empty dataset: pass at least one preference pair.")
+    batches = shard_batches(len(pairs), batch_size, process_index, num_processes)
+    loader = DataLoader(
+        list(pairs),  # the whole data set: laplace-torch reads N from `len(loader.dataset)`
+        batch_sampler=batches,
+        # laplace-torch moves the labels to the model's device but not dict inputs: move the whole batch here.
+        collate_fn=lambda b: {k: v.to(device) for k, v in collate_pairs(b, pad_token_id).items()},
+    )
+    was_training = la.model.training
+    la.fit(loader, progress_bar=progress_bar)
+    la.model.train(was_training)
+    if all_reduce is not None and num_processes > 1:
+        _all_reduce_curvature(la, all_reduce)
+    return la
+
+
+def _all_reduce_curvature(la: ParametricLaplace, all_reduce: AllReduce) -> None:
+    la.loss = all_reduce(torch.as_tensor(la.loss, dtype=la._dtype, device=la._device).clone())
+    if isinstance(la, KronLaplace):
+        # Kronecker factors add up factor-wise over batches in laplace-torch (`Kron.__add__`); do the same over
+        # processes, then redo the eigendecomposition that `fit` did on the local factors.
+        la.H_facs = Kron([[all_reduce(f.clone()) for f in block] for block in la.H_facs.kfacs])
+        la.H = la.H_facs.decompose(damping=la.damping)
+    else:
+        la.H = all_reduce(la.H.clone())
+        if isinstance(la, FullLaplace):
+            la._posterior_scale = None
+
+
+def optimize_prior_precision_marglik(la: ParametricLaplace, init_prior_prec: float, n_steps: int = 100) -> None:
+    """laplace-torch's marginal-likelihood optimization of a scalar prior precision (Adam on its logarithm)."""
+    la.optimize_prior_precision(
+        method="marglik", pred_type="glm", n_steps=n_steps, init_prior_prec=init_prior_prec, prior_structure="scalar"
+    )
+
+
+def optimize_prior_precision_gridsearch(
+    la: ParametricLaplace,
+    jacobian_fn: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
+    val_pairs: Sequence[tuple[list[int], list[int]]],
+    pad_token_id: int,
+    batch_size: int,
+    grid: torch.Tensor,
+    all_reduce: AllReduce | None = None,
+) -> torch.Tensor:
+    """Choose the prior precision in `grid` that minimizes the held-out Bradley-Terry NLL under the probit
+    approximation, p(chosen > rejected) ~ sigmoid(mu / sqrt(1 + pi/8 v)) with mu, v the GLM mean and variance of
+    r(chosen) - r(rejected).
+
+    laplace-torch's own gridsearch recomputes every Jacobian for every grid value and uses per-class variances; here
+    the Jacobians of the reward differences are computed once (`jacobian_fn(batch) -> (rewards (B,), J (B, P))`).
+
+    Returns:
+        The NLL summed over held-out pairs for each grid value, shape `(len(grid),)`; `la.prior_precision` is set to
+        the best value.
+    """
+    if len(val_pairs) == 0:
+        raise ValueError("optimize_prior_precision='gridsearch' needs held-out pairs: the validation split is empty.")
+    mus, jacs = [], []
+    for start in range(0, len(val_pairs), batch_size):
+        chunk = val_pairs[start : start + batch_size]
+        batch = collate_pairs(chunk, pad_token_id)
+        flat = {k: batch[k].flatten(0, 1) for k in ("input_ids", "attention_mask")}
+        rewards, jac = jacobian_fn(flat)
+        mus.append(rewards.view(-1, 2) @ torch.tensor([1.0, -1.0], dtype=rewards.dtype))
+        jacs.append(jac.view(len(chunk), 2, -1)[:, 0] - jac.view(len(chunk), 2, -1)[:, 1])
+    mu, jac = torch.cat(mus), torch.cat(jacs)
+    nlls = []
+    for prior in grid:
+        la.prior_precision = float(prior)
+        var = la.functional_variance(jac.unsqueeze(1)).reshape(-1)
+        nll = -torch.nn.functional.logsigmoid(mu / torch.sqrt(1 + math.pi / 8 * var)).sum()
+        nlls.append(nll)
+    nlls_t = torch.stack(nlls)
+    if all_reduce is not None:
+        nlls_t = all_reduce(nlls_t)
+    la.prior_precision = float(grid[int(torch.argmin(nlls_t))])
+    return nlls_t
+
+
+def reward_jacobians(
+    model: nn.Module, params: Sequence[torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards and their gradients with respect to `params`, one response at a time.
+
+    Args:
+        input_ids, attention_mask: `(B, L)`, right-padded.
+
+    Returns:
+        rewards `(B,)` and Jacobians `(B, P)` with P the total size of `params` (laplace-torch's parameter order).
+
+    One forward and one backward per response, each on the response's own (unpadded) length: the cost is linear in
+    the batch, whereas laplace-torch's stock GLM predictive differentiates the whole batch for every output.
+    """
+    rewards, rows = [], []
+    with torch.enable_grad():
+        for i in range(input_ids.shape[0]):
+            length = int(attention_mask[i].sum())
+            reward = model(input_ids=input_ids[i : i + 1, :length], attention_mask=attention_mask[i : i + 1, :length])
+            reward = reward.logits.reshape(())
+            grads = torch.autograd.grad(reward, params, allow_unused=True)
+            rows.append(torch.cat([torch.zeros_like(p).flatten() if g is None else g.flatten() for g, p in zip(grads, params)]))
+            rewards.append(reward.detach())
+    return torch.stack(rewards), torch.stack(rows)
+
+
+def glm_variance(la: ParametricLaplace, jacobians: torch.Tensor) -> torch.Tensor:
+    """Linearized predictive variance J Sigma J^T of each response.
+
+    Args:
+        jacobians: `(B, P)`.
+
+    Returns:
+        `(B,)`, clamped at zero against round-off.
+    """
+    return la.functional_variance(jacobians.unsqueeze(1)).reshape(-1).clamp_min(0.0)
+
+
+def laplace_tensors(la: ParametricLaplace) -> dict[str, torch.Tensor]:
+    """The fitted posterior as flat named tensors (for safetensors): MAP `mean`, curvature `H...`, `prior_precision`
+    and `loss`. For kron, the summed (not decomposed) Kronecker factors are stored, as laplace-torch's own
+    `state_dict` does, so a loaded posterior can be refit or combined."""
+    tensors = {
+        "mean": la.mean.detach(),
+        "prior_precision": torch.as_tensor(la.prior_precision).detach().reshape(-1),
+        "loss": torch.as_tensor(la.loss).detach().reshape(1),
+    }
+    if isinstance(la, KronLaplace):
+        for i, block in enumerate(la.H_facs.kfacs):
+            for j, factor in enumerate(block):
+                tensors[f"H.{i}.{j}"] = factor.detach()
+    else:
+        tensors["H"] = la.H.detach()
+    return {name: t.contiguous().cpu() for name, t in tensors.items()}
+
+
+def load_laplace_tensors(la: ParametricLaplace, tensors: dict[str, torch.Tensor], n_data: int) -> None:
+    """Restore a posterior written by `laplace_tensors` into an unfitted `la` through laplace-torch's
+    `load_state_dict` (which checks the class and the number of parameters)."""
+    device, dtype = la._device, la._dtype
+    if isinstance(la, KronLaplace):
+        blocks: dict[int, dict[int, torch.Tensor]] = {}
+        for name, t in tensors.items():
+            if name.startswith("H."):
+                _, i, j = name.split(".")
+                blocks.setdefault(int(i), {})[int(j)] = t.to(device, dtype)
+        H: Any = [[blocks[i][j] for j in sorted(blocks[i])] for i in sorted(blocks)]
+    else:
+        H = tensors["H"].to(device, dtype)
+    state = {
+        "mean": tensors["mean"].to(device, dtype),
+        "H": H,
+        "loss": tensors["loss"].to(device, dtype).reshape(()),
+        "prior_mean": 0.0,
+        "prior_precision": tensors["prior_precision"].to(device, dtype),
+        "sigma_noise": 1.0,
+        "n_data": n_data,
+        "n_outputs": 2,
+        "likelihood": "reward_modeling",
+        "temperature": 1.0,
+        "enable_backprop": False,
+        "cls_name": type(la).__name__,
+    }
+    la.load_state_dict(state)
+    if isinstance(la, DiagLaplace | FullLaplace):
+        la.H = H

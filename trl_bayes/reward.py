@@ -1,0 +1,413 @@
+"""Bayesian reward models at inference: `BayesianRewardModel` gives each (prompt, completion) a Gaussian reward
+N(mean, var); `PenalizedReward` turns one or several of them into a TRL reward function.
+
+Penalties (Yang et al. 2024, arXiv 2402.13210): `std` = mean - k sqrt(var), `var` = mean - k var.
+Ensembles of Laplace reward models ("LA Ens") combine as the mean of independent Gaussians:
+mean = (1/M) sum mean_i, var = (1/M^2) sum var_i. MAP-ensemble baselines (Coste et al., ICLR 2024,
+arXiv 2310.02743): `wco` = min over members, `uwo` = mean - k * (population variance of the members' means).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from trl.data_utils import _tokenize
+
+from .laplace_lora import (
+    RewardPairModel,
+    glm_variance,
+    laplace_tensors,
+    load_laplace_tensors,
+    make_laplace,
+    reward_jacobians,
+    select_laplace_parameters,
+)
+
+POSTERIOR_WEIGHTS_NAME = "laplace_posterior.safetensors"
+POSTERIOR_CONFIG_NAME = "laplace_config.json"
+BASE_MODEL_DIR = "base_model"
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenization: exactly as TRL's RewardTrainer tokenizes training pairs.
+
+
+def tokenize_response(tokenizer: PreTrainedTokenizerBase, prompt: Any, completion: Any) -> list[int]:
+    """Token ids of one (prompt, completion) as `trl.RewardTrainer` tokenizes a `prompt`/`chosen` pair.
+
+    Plain text: `prompt + completion`, with EOS appended to the completion unless it already ends with it.
+    Conversational (lists of messages): the tokenizer's chat template over `prompt + completion`.
+    """
+    if isinstance(completion, list):
+        messages = (prompt if isinstance(prompt, list) else []) + completion
+        return list(_tokenize(tokenizer, messages)["input_ids"])
+    if not isinstance(completion, str) or not isinstance(prompt, str):
+        raise TypeError(
+            f"prompts and completions must be strings or lists of messages, got {type(prompt).__name__} and "
+            f"{type(completion).__name__}"
+        )
+    if not completion.endswith(tokenizer.eos_token):
+        completion = completion + tokenizer.eos_token
+    # TRL uses its own `_tokenize` for training pairs; calling it here keeps scoring and training identical.
+    return list(_tokenize(tokenizer, prompt + completion)["input_ids"])
+
+
+def pad_right(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists. Returns `input_ids`, `attention_mask`, both `(B, L)`."""
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, ids in enumerate(sequences):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Saving the base model next to the adapter when it cannot be found elsewhere.
+
+
+def base_model_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The base model's own weights out of a PEFT-wrapped model (LoRA and `modules_to_save` copies dropped)."""
+    state = {}
+    for name, tensor in model.get_base_model().state_dict().items():
+        if "lora_" in name or ".modules_to_save." in name:
+            continue
+        state[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor
+    return state
+
+
+def save_base_model(model: PeftModel, directory: str | Path) -> None:
+    """Write the base model under `directory/base_model`, for reward models built from a config (no Hub name)."""
+    base = model.get_base_model()
+    fresh = type(base)(base.config)
+    fresh.load_state_dict(base_model_state_dict(model), strict=True)
+    fresh.save_pretrained(Path(directory) / BASE_MODEL_DIR)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class BayesianRewardModel:
+    """A LoRA reward model with a Laplace posterior over its adapter: every reward is N(mean, var).
+
+    `mean` is the MAP reward, `var` the linearized (GLM) predictive variance J Σ J^T, with J the gradient of the reward
+    with respect to the Laplace weights and Σ the posterior covariance.
+
+    Args:
+        model ([`~peft.PeftModel`]): the reward model (sequence classification, one label).
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]): the tokenizer the reward model was trained with.
+        laplace: the fitted laplace-torch posterior, built over `RewardPairModel(model)`.
+        metadata (`dict`): what `save_pretrained` writes to `laplace_config.json`.
+    """
+
+    def __init__(self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, laplace, metadata: dict[str, Any]):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.laplace = laplace
+        self.metadata = metadata
+        self.params = list(laplace.params)
+
+    # -- properties ----------------------------------------------------------------------------------------------
+    @property
+    def hessian_structure(self) -> str:
+        return self.metadata["hessian_structure"]
+
+    @property
+    def prior_precision(self) -> float:
+        return float(torch.as_tensor(self.laplace.prior_precision).reshape(-1)[0])
+
+    @property
+    def n_params(self) -> int:
+        return self.laplace.n_params
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- prediction ----------------------------------------------------------------------------------------------
+    def predict(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        batch_size: int = 16,
+        return_var: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gaussian rewards of `completions` to `prompts`.
+
+        Args:
+            prompts, completions: strings, or lists of chat messages (conversational), one each per response.
+            batch_size: responses per forward pass (MAP only; the variance goes one response at a time).
+            return_var: `False` skips the Jacobians and returns `(mean, None)` (the MAP reward only).
+
+        Returns:
+            `mean` and `var`, float tensors of shape `(B,)` on the CPU.
+        """
+        if len(prompts) != len(completions):
+            raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions: pass one prompt per completion.")
+        ids = [tokenize_response(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+        return self.predict_ids(ids, batch_size=batch_size, return_var=return_var)
+
+    def predict_ids(
+        self, token_ids: Sequence[list[int]], batch_size: int = 16, return_var: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Like `predict`, from token ids already tokenized with `tokenize_response`."""
+        if len(token_ids) == 0:
+            empty = torch.zeros(0)
+            return empty, (empty if return_var else None)
+        was_training = self.model.training
+        self.model.eval()
+        means, variances = [], []
+        try:
+            for start in range(0, len(token_ids), batch_size):
+                input_ids, attention_mask = pad_right(token_ids[start : start + batch_size], self.tokenizer.pad_token_id)
+                input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+                if return_var:
+                    rewards, jac = reward_jacobians(self.model, self.params, input_ids, attention_mask)
+                    variances.append(glm_variance(self.laplace, jac).detach().cpu())
+                else:
+                    with torch.no_grad():
+                        rewards = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.reshape(-1)
+                means.append(rewards.detach().cpu())
+        finally:
+            self.model.train(was_training)
+        return torch.cat(means), (torch.cat(variances) if return_var else None)
+
+    # -- serialization -------------------------------------------------------------------------------------------
+    def save_posterior(self, directory: str | Path) -> None:
+        """Write the posterior next to an adapter: tensors to safetensors, metadata to JSON (never pickle)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(laplace_tensors(self.laplace), str(directory / POSTERIOR_WEIGHTS_NAME))
+        metadata = dict(self.metadata)
+        metadata["prior_precision"] = torch.as_tensor(self.laplace.prior_precision).reshape(-1).tolist()
+        metadata["loss"] = float(torch.as_tensor(self.laplace.loss))
+        (directory / POSTERIOR_CONFIG_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write adapter, tokenizer, posterior, and the base model too when it has no Hub name or path."""
+        directory = Path(directory)
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        if not self.metadata.get("base_model"):
+            save_base_model(self.model, directory)
+        self.save_posterior(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        base_model: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> BayesianRewardModel:
+        """Load adapter + posterior written by `BayesianRewardTrainer.save_model` or `save_pretrained`.
+
+        Args:
+            directory: the folder with `adapter_config.json` and `laplace_config.json`.
+            base_model: override the base model (Hub name or path); by default `directory/base_model` if present,
+                else the base model recorded at fit time.
+            torch_dtype: dtype to load the model in (e.g. `torch.float64` for tests).
+            device: where to put the model.
+
+        Raises:
+            FileNotFoundError: no posterior (or no adapter) in `directory`.
+            ValueError: the posterior does not match the adapter (other weights, shapes or values).
+        """
+        directory = Path(directory)
+        config_path = directory / POSTERIOR_CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"No posterior in {directory}: '{POSTERIOR_CONFIG_NAME}' is missing. Fit one with "
+                "`BayesianRewardTrainer.fit_posterior()` and save it with `trainer.save_model(dir)`."
+            )
+        if not (directory / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"No PEFT adapter in {directory}: 'adapter_config.json' is missing.")
+        metadata = json.loads(config_path.read_text())
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{config_path} has format_version={metadata.get('format_version')}, this trl_bayes reads "
+                f"{FORMAT_VERSION}."
+            )
+        if base_model is None:
+            local_base = directory / BASE_MODEL_DIR
+            base_model = str(local_base) if local_base.is_dir() else metadata.get("base_model")
+        if not base_model:
+            raise ValueError(f"{directory} names no base model and has no '{BASE_MODEL_DIR}/': pass `base_model=`.")
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        kwargs: dict[str, Any] = {"num_labels": 1, "attn_implementation": "eager"}
+        if torch_dtype is not None:
+            kwargs["dtype"] = torch_dtype
+        base = AutoModelForSequenceClassification.from_pretrained(base_model, **kwargs)
+        base.config.pad_token_id = tokenizer.pad_token_id
+        model = PeftModel.from_pretrained(base, directory, is_trainable=True)
+        if torch_dtype is not None:
+            model.to(torch_dtype)  # PEFT keeps adapters in float32 by default
+        if device is not None:
+            model.to(device)
+        model.eval()
+
+        names = select_laplace_parameters(model, metadata["subset_of_weights"])
+        shapes = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+        saved = {p["name"]: p["shape"] for p in metadata["parameters"]}
+        if names != list(saved) or any(shapes[n] != saved[n] for n in names):
+            missing = sorted(set(saved) - set(names))[:3]
+            extra = sorted(set(names) - set(saved))[:3]
+            wrong = [n for n in names if n in saved and shapes[n] != saved[n]][:3]
+            raise ValueError(
+                f"The posterior in {directory} does not match the adapter: it was fitted over {len(saved)} weight "
+                f"tensors, the adapter has {len(names)} (missing: {missing}, unexpected: {extra}, other shapes: "
+                f"{wrong}). Refit the posterior for this adapter with `BayesianRewardTrainer.fit_posterior()`."
+            )
+        la = make_laplace(RewardPairModel(model), metadata["hessian_structure"], kfac_approx=metadata["kfac_approx"])
+        tensors = load_file(str(directory / POSTERIOR_WEIGHTS_NAME))
+        current = torch.cat([p.detach().flatten() for p in la.params]).cpu().double()
+        fitted = tensors["mean"].double()
+        tolerance = 1e-2 if la.params[0].dtype in (torch.bfloat16, torch.float16) else 1e-5
+        if current.shape != fitted.shape or (current - fitted).norm() > tolerance * (fitted.norm() + 1e-12):
+            raise ValueError(
+                f"The posterior in {directory} was fitted at other adapter weights than the ones loaded (relative "
+                "difference above tolerance). The adapter was changed after the fit: refit the posterior."
+            )
+        load_laplace_tensors(la, tensors, n_data=metadata["n_data"])
+        return cls(model, tokenizer, la, metadata)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Penalties: pure functions over tensors of shape (M, B) = (ensemble members, responses).
+
+
+class Penalty(str, Enum):
+    """How a (possibly ensembled) Gaussian reward becomes one number per response."""
+
+    NONE = "none"
+    """The (ensemble-mean) MAP reward, no penalty."""
+    STD = "std"
+    """mean - k * sqrt(var): the paper's standard-deviation penalty."""
+    VAR = "var"
+    """mean - k * var: the paper's variance penalty."""
+    WCO = "wco"
+    """Worst-case optimization over MAP ensemble members: min_i mean_i (Coste et al.)."""
+    UWO = "uwo"
+    """Uncertainty-weighted optimization: mean - k * population variance of the members' MAP rewards (Coste et al.)."""
+
+
+def combine_gaussians(means: torch.Tensor, variances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of M independent Gaussians per response.
+
+    Args:
+        means, variances: `(M, B)`.
+
+    Returns:
+        mean `(B,)` = (1/M) sum_i mean_i and variance `(B,)` = (1/M^2) sum_i var_i.
+    """
+    m = means.shape[0]
+    return means.mean(0), variances.sum(0) / m**2
+
+
+def penalized_reward(
+    means: torch.Tensor, variances: torch.Tensor | None, penalty: Penalty | str, k: float
+) -> torch.Tensor:
+    """Apply `penalty` with strength `k` to member rewards.
+
+    Args:
+        means: `(M, B)` MAP rewards of M members (M = 1 for a single model).
+        variances: `(M, B)` Laplace variances, or `None` for the penalties that do not use them.
+
+    Returns:
+        `(B,)` rewards.
+    """
+    penalty = Penalty(penalty)
+    if penalty == Penalty.WCO:
+        return means.min(0).values
+    if penalty == Penalty.UWO:
+        return means.mean(0) - k * means.var(0, unbiased=False)
+    if penalty == Penalty.NONE:
+        return means.mean(0)
+    if variances is None:
+        raise ValueError(f"penalty='{penalty.value}' needs the Laplace variances.")
+    mean, var = combine_gaussians(means, variances)
+    return mean - k * var.sqrt() if penalty == Penalty.STD else mean - k * var
+
+
+class PenalizedReward:
+    """A TRL reward function from one Bayesian reward model or an ensemble of them.
+
+    Not an `nn.Module` on purpose: GRPO/RLOO treat module rewards as Hugging Face models and score them their own way.
+    Picklable (a plain class holding models), so it works with dataloader workers and multiprocessing.
+
+    Args:
+        models (`BayesianRewardModel` or a list of them): one model, or independently trained members.
+        penalty (`str`, *optional*, defaults to `"var"`): `"none"`, `"std"`, `"var"`, `"wco"` or `"uwo"`.
+        k (`float`, *optional*, defaults to `1.0`): penalty strength (the λ of `"uwo"`).
+        batch_size (`int`, *optional*, defaults to `16`): responses per forward pass.
+
+    Example:
+    ```python
+    >>> reward = PenalizedReward(BayesianRewardModel.from_pretrained("rm"), penalty="std", k=1.0)
+    >>> trainer = GRPOTrainer(model=policy, reward_funcs=[reward], ...)
+    ```
+    """
+
+    __name__ = "penalized_reward"  # TRL names reward functions (columns, metrics) by `__name__`
+
+    def __init__(
+        self,
+        models: BayesianRewardModel | Sequence[BayesianRewardModel],
+        penalty: Penalty | str = Penalty.VAR,
+        k: float = 1.0,
+        batch_size: int = 16,
+    ):
+        self.models = [models] if isinstance(models, BayesianRewardModel) else list(models)
+        if not self.models:
+            raise ValueError("PenalizedReward needs at least one BayesianRewardModel.")
+        if penalty not in [p.value for p in Penalty]:
+            raise ValueError(f"Unknown penalty {penalty!r}: choose one of {[p.value for p in Penalty]}.")
+        self.penalty = Penalty(penalty)
+        if self.penalty in (Penalty.WCO, Penalty.UWO) and len(self.models) < 2:
+            raise ValueError(f"penalty='{self.penalty.value}' is an ensemble penalty: pass at least two models.")
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}.")
+        self.k = float(k)
+        self.batch_size = batch_size
+
+    @property
+    def needs_variance(self) -> bool:
+        return self.penalty in (Penalty.STD, Penalty.VAR)
+
+    def score(self, prompts: Sequence[Any], completions: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """All parts of the reward: `reward` `(B,)`, member `means`/`variances` `(M, B)`, combined `mean`/`var` `(B,)`."""
+        outputs = [m.predict(prompts, completions, self.batch_size, return_var=self.needs_variance) for m in self.models]
+        means = torch.stack([mean for mean, _ in outputs])
+        variances = torch.stack([var for _, var in outputs]) if self.needs_variance else None
+        parts = {"reward": penalized_reward(means, variances, self.penalty, self.k), "means": means}
+        if variances is not None:
+            parts["variances"] = variances
+            parts["mean"], parts["var"] = combine_gaussians(means, variances)
+        return parts
+
+    def __call__(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        completion_ids: Sequence[list[int]] | None = None,
+        log_metric: Callable[[str, float], None] | None = None,
+        **kwargs: Any,
+    ) -> list[float]:
+        # completion_ids are the policy's tokens; the reward model may use another tokenizer, so it re-tokenizes text.
+        parts = self.score(prompts, completions)
+        if log_metric is not None:
+            log_metric("laplace/reward", parts["reward"].mean().item())
+            log_metric("laplace/map_reward", parts["means"].mean().item())
+            if "var" in parts:
+                log_metric("laplace/reward_std", parts["var"].sqrt().mean().item())
+        return parts["reward"].tolist()

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import RewardConfig
+
+from .laplace_lora import HessianStructure, KFACApprox, PriorPrecisionMethod, SubsetOfWeights
+
+
+@dataclass
+class BayesianRewardConfig(RewardConfig):
+    r"""
+    Configuration class for the [`BayesianRewardTrainer`]: TRL's [`~trl.RewardConfig`] plus the Laplace fields.
+
+    The reward model is trained as usual (MAP, Bradley-Terry loss); a post-hoc Laplace approximation over its LoRA
+    weights then turns every reward into a Gaussian N(r_MAP(x, y), Λ(x, y)) through the linearized (GLM) predictive.
+    Paper: "Bayesian Reward Models for LLM Alignment" (Yang et al. 2024, https://huggingface.co/papers/2402.13210).
+    Names follow laplace-torch (https://github.com/aleximmer/Laplace).
+
+    Parameters:
+        > Parameters that control the posterior
+
+        hessian_structure (`str`, *optional*, defaults to `"kron"`):
+            Curvature structure: `"kron"` (K-FAC, the paper's choice), `"diag"`, or `"full"` (dense; only for models
+            with a few thousand LoRA weights).
+        subset_of_weights (`str`, *optional*, defaults to `"all"`):
+            Weights that carry the posterior: `"all"` trainable weights (LoRA factors + score head) or `"lora"` only.
+        kfac_approx (`str`, *optional*, defaults to `"reduce"`):
+            K-FAC treatment of the token dimension for `hessian_structure="kron"`. `"reduce"` fits a reward (one
+            output per sequence); `"expand"` treats tokens as examples and underestimates variances by orders of
+            magnitude on reward models.
+
+        > Parameters that control the prior precision
+
+        prior_precision (`float`, *optional*, defaults to `1.0`):
+            Precision of the isotropic Gaussian prior on the Laplace weights: the starting point of the
+            optimization, or the value used when `optimize_prior_precision=None`.
+        optimize_prior_precision (`str` or `None`, *optional*, defaults to `"marglik"`):
+            `"marglik"` maximizes the Laplace log marginal likelihood on the training pairs; `"gridsearch"` minimizes
+            the held-out pair NLL on `eval_dataset` (or on `posterior_val_fraction` of the training pairs); `None`
+            keeps `prior_precision`.
+        prior_precision_steps (`int`, *optional*, defaults to `100`):
+            Adam steps of the marginal-likelihood optimization.
+        prior_precision_grid (`list[float]`, *optional*, defaults to `[1e-4, ..., 1e4]`):
+            Values tried by `"gridsearch"` (log-spaced, 33 values by default).
+        posterior_val_fraction (`float`, *optional*, defaults to `0.1`):
+            Fraction of the training pairs held out for `"gridsearch"` when no `eval_dataset` is given.
+
+        > Parameters that control the fit
+
+        posterior_batch_size (`int`, *optional*, defaults to `8`):
+            Pairs per curvature batch. Under several processes the batches are dealt round-robin, so this must leave
+            at least one batch per process. Memory grows linearly with it.
+        fit_posterior_after_train (`bool`, *optional*, defaults to `True`):
+            Whether `train()` fits the posterior on the training pairs right after MAP training.
+    """
+
+    hessian_structure: str = field(
+        default="kron",
+        metadata={"help": "Curvature structure of the posterior.", "choices": [s.value for s in HessianStructure]},
+    )
+    subset_of_weights: str = field(
+        default="all",
+        metadata={
+            "help": "Weights that carry the posterior: all trainable (LoRA + score head) or LoRA only.",
+            "choices": [s.value for s in SubsetOfWeights],
+        },
+    )
+    kfac_approx: str = field(
+        default="reduce",
+        metadata={
+            "help": "K-FAC token treatment for kron: 'reduce' for one output per sequence (rewards).",
+            "choices": [s.value for s in KFACApprox],
+        },
+    )
+    prior_precision: float = field(
+        default=1.0,
+        metadata={"help": "Prior precision: initial value of the optimization, or the fixed value."},
+    )
+    optimize_prior_precision: str | None = field(
+        default="marglik",
+        metadata={
+            "help": "How to choose the prior precision: 'marglik', 'gridsearch' (held-out pairs) or None (keep it).",
+        },
+    )
+    prior_precision_steps: int = field(
+        default=100, metadata={"help": "Adam steps of the marginal-likelihood optimization."}
+    )
+    prior_precision_grid: list[float] | None = field(
+        default=None,
+        metadata={"help": "Prior precisions tried by 'gridsearch'. Defaults to 33 log-spaced values in [1e-4, 1e4]."},
+    )
+    posterior_val_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Fraction of training pairs held out for 'gridsearch' when no eval_dataset is given."},
+    )
+    posterior_batch_size: int = field(
+        default=8, metadata={"help": "Pairs per curvature batch in the posterior fit."}
+    )
+    fit_posterior_after_train: bool = field(
+        default=True, metadata={"help": "Whether train() fits the posterior right after MAP training."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.optimize_prior_precision in ("none", "None", ""):
+            self.optimize_prior_precision = None
+        checks = {
+            "hessian_structure": (self.hessian_structure, HessianStructure),
+            "subset_of_weights": (self.subset_of_weights, SubsetOfWeights),
+            "kfac_approx": (self.kfac_approx, KFACApprox),
+        }
+        if self.optimize_prior_precision is not None:
+            checks["optimize_prior_precision"] = (self.optimize_prior_precision, PriorPrecisionMethod)
+        for name, (value, enum) in checks.items():
+            if value not in [member.value for member in enum]:
+                choices = ", ".join(repr(m.value) for m in enum)
+                raise ValueError(f"`{name}`={value!r} is not valid: choose one of {choices}.")
+        if self.prior_precision <= 0:
+            raise ValueError(f"`prior_precision` must be > 0, got {self.prior_precision}.")
+        if self.posterior_batch_size < 1:
+            raise ValueError(f"`posterior_batch_size` must be >= 1, got {self.posterior_batch_size}.")
+        if not 0.0 < self.posterior_val_fraction < 1.0:
+            raise ValueError(f"`posterior_val_fraction` must be in (0, 1), got {self.posterior_val_fraction}.")
+        if self.prior_precision_grid is None:
+            self.prior_precision_grid = [10 ** (i / 4) for i in range(-16, 17)]
+        if any(p <= 0 for p in self.prior_precision_grid):
+            raise ValueError("`prior_precision_grid` values must all be > 0.")

@@ -1,0 +1,187 @@
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset
+
+from trl import RewardTrainer
+from trl.data_utils import get_dataset_column_names
+
+from .laplace_lora import (
+    PriorPrecisionMethod,
+    RewardPairModel,
+    fit_laplace,
+    make_laplace,
+    optimize_prior_precision_gridsearch,
+    optimize_prior_precision_marglik,
+    reward_jacobians,
+    select_laplace_parameters,
+)
+from .reward import FORMAT_VERSION, BayesianRewardModel, save_base_model
+from .reward_config import BayesianRewardConfig
+
+
+def check_preference_dataset(dataset: Any, name: str) -> None:
+    """Fail fast, naming the problem, on datasets `RewardTrainer` would reject late or obscurely."""
+    if dataset is None:
+        raise ValueError(f"`{name}` is required: a dataset of preference pairs (`chosen`/`rejected`, optional `prompt`).")
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError(f"`{name}` is empty: it needs at least one preference pair.")
+    columns = set(get_dataset_column_names(dataset))
+    if {"chosen_ids", "rejected_ids"} <= columns:
+        return
+    missing = [c for c in ("chosen", "rejected") if c not in columns]
+    if missing:
+        raise ValueError(
+            f"`{name}` lacks column(s) {missing}; it has {sorted(columns)}. A preference dataset needs `chosen` and "
+            "`rejected` (plus an optional `prompt`), or tokenized `chosen_ids` and `rejected_ids`."
+        )
+
+
+class BayesianRewardTrainer(RewardTrainer):
+    """TRL's [`~trl.RewardTrainer`] (MAP Bradley-Terry training of a LoRA reward model) plus a post-hoc Laplace
+    posterior over the LoRA weights: `fit_posterior()` returns a [`BayesianRewardModel`] and `save_model()` writes the
+    posterior next to the adapter.
+
+    Args: as [`~trl.RewardTrainer`], with `args` a [`BayesianRewardConfig`]. The model must be a PEFT model or come
+    with a `peft_config`.
+
+    Example:
+    ```python
+    >>> trainer = BayesianRewardTrainer(model, args=BayesianRewardConfig("out"), train_dataset=pairs,
+    ...                                 processing_class=tokenizer, peft_config=LoraConfig(task_type="SEQ_CLS"))
+    >>> trainer.train()                      # MAP training, then the posterior fit
+    >>> mean, var = trainer.posterior.predict(prompts, completions)
+    >>> trainer.save_model("out")            # adapter + laplace_posterior.safetensors + laplace_config.json
+    ```
+    """
+
+    _tag_names = ["trl", "reward-trainer", "trl-bayes", "laplace"]
+    _name = "BayesianReward"
+
+    def __init__(self, model, args: BayesianRewardConfig | None = None, train_dataset=None, processing_class=None,
+                 peft_config=None, **kwargs):
+        if args is None:
+            args = BayesianRewardConfig("bayesian-reward-model")
+        elif not isinstance(args, BayesianRewardConfig):
+            raise TypeError(f"`args` must be a BayesianRewardConfig, got {type(args).__name__}.")
+        check_preference_dataset(train_dataset, "train_dataset")
+        if peft_config is None and not is_peft_model(model):
+            raise ValueError(
+                "BayesianRewardTrainer fits a Laplace posterior over LoRA weights, but the model has no adapter: pass "
+                "`peft_config=LoraConfig(task_type='SEQ_CLS', ...)` or a `PeftModel`."
+            )
+        if processing_class is not None and (args.pad_token or processing_class.pad_token or processing_class.eos_token) is None:
+            raise ValueError(
+                "The tokenizer has neither a pad token nor an EOS token: set `tokenizer.pad_token = ...` or pass "
+                "`BayesianRewardConfig(pad_token=...)`."
+            )
+        # A model built from a config has no Hub name or path to reload its base from: save_model writes it.
+        base = model.get_base_model() if is_peft_model(model) else model
+        self._base_model_name = base.config._name_or_path or None
+        super().__init__(model, args=args, train_dataset=train_dataset, processing_class=processing_class,
+                         peft_config=peft_config, **kwargs)
+        self.posterior: BayesianRewardModel | None = None
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        if self.args.fit_posterior_after_train:
+            self.fit_posterior()
+        return output
+
+    def fit_posterior(self, dataset: Dataset | None = None) -> BayesianRewardModel:
+        """Fit the Laplace posterior at the current (MAP) adapter weights; works without `train()` on a trained PEFT
+        reward model. Leaves the model in its own dtype (Accelerate's mixed-precision forward wrapper removed).
+
+        Each process fits its share of the pairs and the curvature is summed over processes, so every process ends
+        with the posterior of the whole dataset. The prior precision is then chosen per `optimize_prior_precision`.
+
+        Args:
+            dataset: preference pairs to fit on; defaults to the training pairs (tokenized as in training).
+
+        Returns:
+            The [`BayesianRewardModel`], also kept as `self.posterior`.
+        """
+        args, start = self.args, time.perf_counter()
+        if dataset is None:
+            dataset = self.train_dataset
+        else:
+            check_preference_dataset(dataset, "dataset")
+            dataset = self._prepare_dataset(dataset, self.processing_class, args, "posterior")
+        pairs = list(zip(dataset["chosen_ids"], dataset["rejected_ids"], strict=True))
+        if not pairs:
+            raise ValueError("No preference pairs left for the posterior fit (all longer than `max_length`?).")
+        val_pairs: list = []
+        if args.optimize_prior_precision == PriorPrecisionMethod.GRIDSEARCH:
+            pairs, val_pairs = self._gridsearch_split(pairs)
+
+        # Without Accelerate's mixed-precision forward wrapper: the curvature and the predictive are computed in the
+        # model's own dtype (float32 by default), not in the autocast dtype of training. This stays so afterwards.
+        model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+        model.set_attn_implementation("eager")  # curvature backends need double-differentiable attention
+        requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        names = select_laplace_parameters(model, args.subset_of_weights)
+        acc = self.accelerator
+        all_reduce = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
+        pad_token_id = self.processing_class.pad_token_id
+        try:
+            la = make_laplace(RewardPairModel(model), args.hessian_structure, args.prior_precision, args.kfac_approx)
+            fit_laplace(la, pairs, pad_token_id, args.posterior_batch_size, acc.process_index, acc.num_processes,
+                        all_reduce, progress_bar=acc.is_local_main_process and not args.disable_tqdm, device=acc.device)
+            if args.optimize_prior_precision == PriorPrecisionMethod.MARGLIK:
+                optimize_prior_precision_marglik(la, args.prior_precision, args.prior_precision_steps)
+            elif args.optimize_prior_precision == PriorPrecisionMethod.GRIDSEARCH:
+                model.eval()
+                mine = val_pairs[acc.process_index :: acc.num_processes]
+                grid = torch.tensor(args.prior_precision_grid, dtype=torch.float64)
+                optimize_prior_precision_gridsearch(
+                    la, lambda b: reward_jacobians(model, la.params, b["input_ids"].to(acc.device),
+                                                   b["attention_mask"].to(acc.device)),
+                    mine, pad_token_id, args.posterior_batch_size, grid, all_reduce)
+        finally:
+            for name, p in model.named_parameters():
+                p.requires_grad_(requires_grad[name])
+            model.train(self.model.training)
+
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "likelihood": "reward_modeling",
+            "hessian_structure": args.hessian_structure,
+            "subset_of_weights": args.subset_of_weights,
+            "kfac_approx": args.kfac_approx,
+            "optimize_prior_precision": args.optimize_prior_precision,
+            "n_data": int(la.n_data),
+            "n_params": int(la.n_params),
+            "base_model": self._base_model_name,
+            "parameters": [{"name": n, "shape": list(p.shape)} for n, p in zip(names, la.params, strict=True)],
+        }
+        self.posterior = BayesianRewardModel(model, self.processing_class, la, metadata)
+        log_marglik = float(la.log_marginal_likelihood().detach())
+        self.log({
+            "laplace/prior_precision": self.posterior.prior_precision,
+            "laplace/log_marglik": log_marglik,
+            "laplace/fit_seconds": time.perf_counter() - start,
+        })
+        return self.posterior
+
+    def _gridsearch_split(self, pairs: list) -> tuple[list, list]:
+        """Held-out pairs for the prior grid search: `eval_dataset` if given, else a seeded fraction of `pairs`."""
+        if isinstance(self.eval_dataset, Dataset) and len(self.eval_dataset) > 0:
+            return pairs, list(zip(self.eval_dataset["chosen_ids"], self.eval_dataset["rejected_ids"], strict=True))
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(self.args.seed)).tolist()
+        n_val = max(1, int(round(self.args.posterior_val_fraction * len(pairs))))
+        if n_val >= len(pairs):
+            raise ValueError(f"Too few pairs ({len(pairs)}) to hold out a validation split for 'gridsearch'.")
+        return [pairs[i] for i in sorted(order[n_val:])], [pairs[i] for i in sorted(order[:n_val])]
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """TRL's save (adapter, tokenizer), then the posterior and, for models built from a config, the base model."""
+        super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        if self.posterior is not None and not _internal_call and self.accelerator.is_main_process:
+            self.posterior.save_posterior(output_dir)
+            if self._base_model_name is None:
+                save_base_model(self.accelerator.unwrap_model(self.model), output_dir)
