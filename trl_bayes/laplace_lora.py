@@ -124,7 +124,11 @@ def collate_pairs(pairs: Sequence[tuple[list[int], list[int]]], pad_token_id: in
         for j, ids in enumerate(pair):
             input_ids[i, j, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[i, j, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.zeros(len(pairs), dtype=torch.long)}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": torch.zeros(len(pairs), dtype=torch.long),
+    }
 
 
 def shard_batches(num_pairs: int, batch_size: int, process_index: int, num_processes: int) -> list[list[int]]:
@@ -283,7 +287,14 @@ def reward_jacobians(
             reward = model(input_ids=input_ids[i : i + 1, :length], attention_mask=attention_mask[i : i + 1, :length])
             reward = reward.logits.reshape(())
             grads = torch.autograd.grad(reward, params, allow_unused=True)
-            rows.append(torch.cat([torch.zeros_like(p).flatten() if g is None else g.flatten() for g, p in zip(grads, params)]))
+            rows.append(
+                torch.cat(
+                    [
+                        torch.zeros_like(p).flatten() if g is None else g.flatten()
+                        for g, p in zip(grads, params, strict=True)
+                    ]
+                )
+            )
             rewards.append(reward.detach())
     return torch.stack(rewards), torch.stack(rows)
 

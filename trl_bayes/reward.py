@@ -153,7 +153,9 @@ class BayesianRewardModel:
             `mean` and `var`, float tensors of shape `(B,)` on the CPU.
         """
         if len(prompts) != len(completions):
-            raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions: pass one prompt per completion.")
+            raise ValueError(
+                f"Got {len(prompts)} prompts but {len(completions)} completions: pass one prompt per completion."
+            )
         ids = [tokenize_response(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
         return self.predict_ids(ids, batch_size=batch_size, return_var=return_var)
 
@@ -169,7 +171,9 @@ class BayesianRewardModel:
         means, variances = [], []
         try:
             for start in range(0, len(token_ids), batch_size):
-                input_ids, attention_mask = pad_right(token_ids[start : start + batch_size], self.tokenizer.pad_token_id)
+                input_ids, attention_mask = pad_right(
+                    token_ids[start : start + batch_size], self.tokenizer.pad_token_id
+                )
                 input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
                 if return_var:
                     rewards, jac = reward_jacobians(self.model, self.params, input_ids, attention_mask)
@@ -386,7 +390,9 @@ class PenalizedReward:
 
     def score(self, prompts: Sequence[Any], completions: Sequence[Any]) -> dict[str, torch.Tensor]:
         """All parts of the reward: `reward` `(B,)`, member `means`/`variances` `(M, B)`, combined `mean`/`var` `(B,)`."""
-        outputs = [m.predict(prompts, completions, self.batch_size, return_var=self.needs_variance) for m in self.models]
+        outputs = [
+            m.predict(prompts, completions, self.batch_size, return_var=self.needs_variance) for m in self.models
+        ]
         means = torch.stack([mean for mean, _ in outputs])
         variances = torch.stack([var for _, var in outputs]) if self.needs_variance else None
         parts = {"reward": penalized_reward(means, variances, self.penalty, self.k), "means": means}

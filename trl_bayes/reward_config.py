@@ -94,9 +94,7 @@ class BayesianRewardConfig(RewardConfig):
         default=0.1,
         metadata={"help": "Fraction of training pairs held out for 'gridsearch' when no eval_dataset is given."},
     )
-    posterior_batch_size: int = field(
-        default=8, metadata={"help": "Pairs per curvature batch in the posterior fit."}
-    )
+    posterior_batch_size: int = field(default=8, metadata={"help": "Pairs per curvature batch in the posterior fit."})
     fit_posterior_after_train: bool = field(
         default=True, metadata={"help": "Whether train() fits the posterior right after MAP training."}
     )

@@ -6,7 +6,6 @@ from typing import Any
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-
 from trl import RewardTrainer
 from trl.data_utils import get_dataset_column_names
 
@@ -27,7 +26,9 @@ from .reward_config import BayesianRewardConfig
 def check_preference_dataset(dataset: Any, name: str) -> None:
     """Fail fast, naming the problem, on datasets `RewardTrainer` would reject late or obscurely."""
     if dataset is None:
-        raise ValueError(f"`{name}` is required: a dataset of preference pairs (`chosen`/`rejected`, optional `prompt`).")
+        raise ValueError(
+            f"`{name}` is required: a dataset of preference pairs (`chosen`/`rejected`, optional `prompt`)."
+        )
     if isinstance(dataset, Dataset) and len(dataset) == 0:
         raise ValueError(f"`{name}` is empty: it needs at least one preference pair.")
     columns = set(get_dataset_column_names(dataset))
@@ -39,6 +40,19 @@ def check_preference_dataset(dataset: Any, name: str) -> None:
             f"`{name}` lacks column(s) {missing}; it has {sorted(columns)}. A preference dataset needs `chosen` and "
             "`rejected` (plus an optional `prompt`), or tokenized `chosen_ids` and `rejected_ids`."
         )
+
+
+def _pop_input_require_grads_hooks(model) -> dict:
+    """Remove and return the `enable_input_require_grads` forward hooks of the input embeddings.
+
+    PEFT and the Trainer register them (sometimes twice, so `disable_input_require_grads` misses one); they call
+    `requires_grad_` inside the forward, which torch.func transforms (laplace-torch's "diag"/"full" Jacobians) refuse.
+    """
+    hooks = model.get_input_embeddings()._forward_hooks
+    popped = {k: f for k, f in hooks.items() if getattr(f, "__name__", "").startswith("make_inputs_require_grad")}
+    for key in popped:
+        del hooks[key]
+    return popped
 
 
 class BayesianRewardTrainer(RewardTrainer):
@@ -62,8 +76,15 @@ class BayesianRewardTrainer(RewardTrainer):
     _tag_names = ["trl", "reward-trainer", "trl-bayes", "laplace"]
     _name = "BayesianReward"
 
-    def __init__(self, model, args: BayesianRewardConfig | None = None, train_dataset=None, processing_class=None,
-                 peft_config=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        args: BayesianRewardConfig | None = None,
+        train_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        **kwargs,
+    ):
         if args is None:
             args = BayesianRewardConfig("bayesian-reward-model")
         elif not isinstance(args, BayesianRewardConfig):
@@ -74,7 +95,10 @@ class BayesianRewardTrainer(RewardTrainer):
                 "BayesianRewardTrainer fits a Laplace posterior over LoRA weights, but the model has no adapter: pass "
                 "`peft_config=LoraConfig(task_type='SEQ_CLS', ...)` or a `PeftModel`."
             )
-        if processing_class is not None and (args.pad_token or processing_class.pad_token or processing_class.eos_token) is None:
+        if (
+            processing_class is not None
+            and (args.pad_token or processing_class.pad_token or processing_class.eos_token) is None
+        ):
             raise ValueError(
                 "The tokenizer has neither a pad token nor an EOS token: set `tokenizer.pad_token = ...` or pass "
                 "`BayesianRewardConfig(pad_token=...)`."
@@ -82,8 +106,14 @@ class BayesianRewardTrainer(RewardTrainer):
         # A model built from a config has no Hub name or path to reload its base from: save_model writes it.
         base = model.get_base_model() if is_peft_model(model) else model
         self._base_model_name = base.config._name_or_path or None
-        super().__init__(model, args=args, train_dataset=train_dataset, processing_class=processing_class,
-                         peft_config=peft_config, **kwargs)
+        super().__init__(
+            model,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            **kwargs,
+        )
         self.posterior: BayesianRewardModel | None = None
 
     def train(self, *args, **kwargs):
@@ -123,14 +153,24 @@ class BayesianRewardTrainer(RewardTrainer):
         model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
         model.set_attn_implementation("eager")  # curvature backends need double-differentiable attention
         requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        embeddings_hooks = _pop_input_require_grads_hooks(model)
         names = select_laplace_parameters(model, args.subset_of_weights)
         acc = self.accelerator
         all_reduce = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
         pad_token_id = self.processing_class.pad_token_id
         try:
             la = make_laplace(RewardPairModel(model), args.hessian_structure, args.prior_precision, args.kfac_approx)
-            fit_laplace(la, pairs, pad_token_id, args.posterior_batch_size, acc.process_index, acc.num_processes,
-                        all_reduce, progress_bar=acc.is_local_main_process and not args.disable_tqdm, device=acc.device)
+            fit_laplace(
+                la,
+                pairs,
+                pad_token_id,
+                args.posterior_batch_size,
+                acc.process_index,
+                acc.num_processes,
+                all_reduce,
+                progress_bar=acc.is_local_main_process and not args.disable_tqdm,
+                device=acc.device,
+            )
             if args.optimize_prior_precision == PriorPrecisionMethod.MARGLIK:
                 optimize_prior_precision_marglik(la, args.prior_precision, args.prior_precision_steps)
             elif args.optimize_prior_precision == PriorPrecisionMethod.GRIDSEARCH:
@@ -138,13 +178,21 @@ class BayesianRewardTrainer(RewardTrainer):
                 mine = val_pairs[acc.process_index :: acc.num_processes]
                 grid = torch.tensor(args.prior_precision_grid, dtype=torch.float64)
                 optimize_prior_precision_gridsearch(
-                    la, lambda b: reward_jacobians(model, la.params, b["input_ids"].to(acc.device),
-                                                   b["attention_mask"].to(acc.device)),
-                    mine, pad_token_id, args.posterior_batch_size, grid, all_reduce)
+                    la,
+                    lambda b: reward_jacobians(
+                        model, la.params, b["input_ids"].to(acc.device), b["attention_mask"].to(acc.device)
+                    ),
+                    mine,
+                    pad_token_id,
+                    args.posterior_batch_size,
+                    grid,
+                    all_reduce,
+                )
         finally:
             for name, p in model.named_parameters():
                 p.requires_grad_(requires_grad[name])
             model.train(self.model.training)
+            model.get_input_embeddings()._forward_hooks.update(embeddings_hooks)
 
         metadata = {
             "format_version": FORMAT_VERSION,
@@ -160,11 +208,13 @@ class BayesianRewardTrainer(RewardTrainer):
         }
         self.posterior = BayesianRewardModel(model, self.processing_class, la, metadata)
         log_marglik = float(la.log_marginal_likelihood().detach())
-        self.log({
-            "laplace/prior_precision": self.posterior.prior_precision,
-            "laplace/log_marglik": log_marglik,
-            "laplace/fit_seconds": time.perf_counter() - start,
-        })
+        self.log(
+            {
+                "laplace/prior_precision": self.posterior.prior_precision,
+                "laplace/log_marglik": log_marglik,
+                "laplace/fit_seconds": time.perf_counter() - start,
+            }
+        )
         return self.posterior
 
     def _gridsearch_split(self, pairs: list) -> tuple[list, list]:

@@ -1,0 +1,68 @@
+"""Two gloo processes fit the same posterior as one process (the curvature is summed over processes).
+
+`accelerate launch --multi_gpu --num_processes 2` starts two CPU processes here; `--cpu --num_processes 2` would
+silently start one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+SCRIPT = Path(__file__).with_name("dist_fit_posterior.py")
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(command: list[str]) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+
+
+@pytest.mark.slow
+def test_two_process_posterior_equals_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, str(SCRIPT), str(one)])
+    _run(
+        [
+            str(ACCELERATE),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            str(SCRIPT),
+            str(two),
+        ]
+    )
+    for structure in ("kron", "diag"):
+        p1, p2 = (json.loads((d / structure / "predictions.json").read_text()) for d in (one, two))
+        assert (p1["num_processes"], p2["num_processes"]) == (1, 2)
+        t1, t2 = (load_file(str(d / structure / "laplace_posterior.safetensors")) for d in (one, two))
+        assert sorted(t1) == sorted(t2)
+        for name in t1:  # equal up to the order of floating-point reductions
+            torch.testing.assert_close(t2[name], t1[name], rtol=1e-5, atol=1e-6, msg=f"{structure}: {name}")
+        torch.testing.assert_close(torch.tensor(p2["var"]), torch.tensor(p1["var"]), rtol=1e-5, atol=0)
+        torch.testing.assert_close(torch.tensor(p2["mean"]), torch.tensor(p1["mean"]), rtol=1e-5, atol=1e-7)
+        m1, m2 = (json.loads((d / structure / "laplace_config.json").read_text()) for d in (one, two))
+        assert m1["n_data"] == m2["n_data"]
+        assert m2["prior_precision"] == pytest.approx(m1["prior_precision"], rel=1e-5)

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from trl_bayes import PenalizedReward, combine_gaussians, penalized_reward
+
+from .conftest import make_trainer
+
+# Two members, three responses. Hand-computed expectations below.
+MEANS = torch.tensor([[1.0, 2.0, -1.0], [3.0, 0.0, -1.0]])
+VARS = torch.tensor([[4.0, 1.0, 0.0], [0.0, 1.0, 4.0]])
+
+
+def test_combine_gaussians_is_the_mean_of_independent_gaussians():
+    mean, var = combine_gaussians(MEANS, VARS)
+    torch.testing.assert_close(mean, torch.tensor([2.0, 1.0, -1.0]))
+    torch.testing.assert_close(var, torch.tensor([1.0, 0.5, 1.0]))  # (v1 + v2) / 2^2
+
+
+def test_combine_gaussians_matches_monte_carlo():
+    gen = torch.Generator().manual_seed(0)
+    samples = MEANS[:, :, None] + VARS.sqrt()[:, :, None] * torch.randn(2, 3, 200_000, generator=gen)
+    average = samples.mean(0)  # the ensemble's reward: mean over members of independent draws
+    mean, var = combine_gaussians(MEANS, VARS)
+    torch.testing.assert_close(average.mean(-1), mean, atol=0.02, rtol=0)
+    torch.testing.assert_close(average.var(-1), var, atol=0.02, rtol=0.02)
+
+
+def test_penalties_single_model():
+    means, variances = MEANS[:1], VARS[:1]
+    torch.testing.assert_close(penalized_reward(means, variances, "none", 2.0), torch.tensor([1.0, 2.0, -1.0]))
+    torch.testing.assert_close(penalized_reward(means, variances, "std", 2.0), torch.tensor([-3.0, 0.0, -1.0]))
+    torch.testing.assert_close(penalized_reward(means, variances, "var", 0.5), torch.tensor([-1.0, 1.5, -1.0]))
+
+
+def test_penalties_ensembles():
+    # LA-Ens: combined mean [2, 1, -1], var [1, .5, 1].
+    torch.testing.assert_close(
+        penalized_reward(MEANS, VARS, "std", 1.0), torch.tensor([1.0, 1.0 - math.sqrt(0.5), -2.0])
+    )
+    torch.testing.assert_close(penalized_reward(MEANS, VARS, "var", 2.0), torch.tensor([0.0, 0.0, -3.0]))
+    # MAP ensembles (Coste et al.): WCO = min, UWO = mean - k * population variance ([1, 1, 0]).
+    torch.testing.assert_close(penalized_reward(MEANS, None, "wco", 1.0), torch.tensor([1.0, 0.0, -1.0]))
+    torch.testing.assert_close(penalized_reward(MEANS, None, "uwo", 0.5), torch.tensor([1.5, 0.5, -1.0]))
+    torch.testing.assert_close(penalized_reward(MEANS, None, "none", 0.5), torch.tensor([2.0, 1.0, -1.0]))
+    with pytest.raises(ValueError, match="needs the Laplace variances"):
+        penalized_reward(MEANS, None, "std", 1.0)
+
+
+@pytest.fixture(scope="module")
+def members(tokenizer, tmp_path_factory):
+    models = []
+    for seed in (0, 1):
+        trainer = make_trainer(tokenizer, tmp_path_factory.mktemp(f"m{seed}"), num_pairs=16, seed=seed)
+        trainer.train()
+        models.append(trainer.posterior)
+    return models
+
+
+PROMPTS = ["please list fruits : ", "name a few tools : ", "give me some colors : "]
+COMPLETIONS = ["apple pear", "saw saw saw", "red blue"]
+
+
+def test_penalized_reward_is_the_formula_over_predictions(members):
+    parts = [m.predict(PROMPTS, COMPLETIONS) for m in members]
+    means = torch.stack([p[0] for p in parts])
+    variances = torch.stack([p[1] for p in parts])
+    for penalty, k in [("std", 0.7), ("var", 2.0), ("none", 1.0)]:
+        got = PenalizedReward(members, penalty=penalty, k=k)(PROMPTS, COMPLETIONS)
+        assert isinstance(got, list) and len(got) == 3
+        torch.testing.assert_close(torch.tensor(got), penalized_reward(means, variances, penalty, k))
+    single = PenalizedReward(members[0], penalty="std", k=1.0)(PROMPTS, COMPLETIONS)
+    torch.testing.assert_close(torch.tensor(single), means[0] - variances[0].sqrt())
+    uwo = PenalizedReward(members, penalty="uwo", k=3.0)(PROMPTS, COMPLETIONS)
+    torch.testing.assert_close(torch.tensor(uwo), means.mean(0) - 3.0 * means.var(0, unbiased=False))
+
+
+def test_penalized_reward_protocol(members):
+    reward = PenalizedReward(members[0], penalty="std")
+    assert not isinstance(reward, nn.Module)  # GRPO/RLOO would treat a module as an HF model
+    logged = {}
+    reward(
+        PROMPTS,
+        COMPLETIONS,
+        completion_ids=[[1], [2], [3]],
+        log_metric=lambda k, v: logged.update({k: v}),
+        trainer_state=None,
+        log_extra=None,
+    )
+    assert set(logged) == {"laplace/reward", "laplace/map_reward", "laplace/reward_std"}
+    assert logged["laplace/reward_std"] > 0
+
+
+def test_penalized_reward_rejects_bad_arguments(members):
+    with pytest.raises(ValueError, match="Unknown penalty 'max'"):
+        PenalizedReward(members, penalty="max")
+    with pytest.raises(ValueError, match="ensemble penalty"):
+        PenalizedReward(members[0], penalty="wco")
+    with pytest.raises(ValueError, match="at least one"):
+        PenalizedReward([], penalty="var")
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        PenalizedReward(members, penalty="var", k=-1)
+
+
+def test_conversational_completions_are_scored_with_the_chat_template(members):
+    model = members[0]
+    model.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    try:
+        prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
+        completions = [[{"role": "assistant", "content": c}] for c in COMPLETIONS]
+        conversational = PenalizedReward(model, penalty="none")(prompts, completions)
+        # This template renders the messages as the plain text "prompt completion" without EOS.
+        plain_ids = [
+            model.tokenizer(p + " " + c + " ")["input_ids"] for p, c in zip(PROMPTS, COMPLETIONS, strict=True)
+        ]
+        expected, _ = model.predict_ids(plain_ids, return_var=False)
+        torch.testing.assert_close(torch.tensor(conversational), expected)
+    finally:
+        model.tokenizer.chat_template = None
