@@ -81,6 +81,16 @@ def test_predictive_matches_dense_reference(fitted, tokenizer):
         torch.testing.assert_close(var[i], expected, rtol=1e-7, atol=0)
     assert (var > 0).all()
 
+    # Pairs: the variance of the reward difference, covariance included.
+    diff_mean, diff_var = posterior.predict_pairs(prompts[:2], completions[:2], completions[1:])
+    for i in range(2):
+        r_c, j_c = reward_and_grad(tokenize_response(tokenizer, prompts[i], completions[i]))
+        r_r, j_r = reward_and_grad(tokenize_response(tokenizer, prompts[i], completions[i + 1]))
+        g = j_c - j_r
+        expected = g @ torch.linalg.solve(precision, g) if structure == "full" else (g**2 / precision.diagonal()).sum()
+        torch.testing.assert_close(diff_mean[i], r_c - r_r, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(diff_var[i], expected, rtol=1e-7, atol=0)
+
 
 def test_log_marglik_matches_dense_reference(fitted):
     structure, _, posterior, pairs = fitted

@@ -10,6 +10,7 @@ for Large Language Models" (arXiv 2308.13111).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any
@@ -217,9 +218,16 @@ def _all_reduce_curvature(la: ParametricLaplace, all_reduce: AllReduce) -> None:
 
 def optimize_prior_precision_marglik(la: ParametricLaplace, init_prior_prec: float, n_steps: int = 100) -> None:
     """laplace-torch's marginal-likelihood optimization of a scalar prior precision (Adam on its logarithm)."""
-    la.optimize_prior_precision(
-        method="marglik", pred_type="glm", n_steps=n_steps, init_prior_prec=init_prior_prec, prior_structure="scalar"
-    )
+    with warnings.catch_warnings():
+        # laplace-torch warns about `link_approx` for classification, which only matters for its gridsearch.
+        warnings.filterwarnings("ignore", message="By default `link_approx`")
+        la.optimize_prior_precision(
+            method="marglik",
+            pred_type="glm",
+            n_steps=n_steps,
+            init_prior_prec=init_prior_prec,
+            prior_structure="scalar",
+        )
 
 
 def optimize_prior_precision_gridsearch(

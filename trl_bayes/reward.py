@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 from trl.data_utils import _tokenize
 
@@ -141,6 +142,7 @@ class BayesianRewardModel:
         completions: Sequence[Any],
         batch_size: int = 16,
         return_var: bool = True,
+        progress_bar: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gaussian rewards of `completions` to `prompts`.
 
@@ -148,6 +150,7 @@ class BayesianRewardModel:
             prompts, completions: strings, or lists of chat messages (conversational), one each per response.
             batch_size: responses per forward pass (MAP only; the variance goes one response at a time).
             return_var: `False` skips the Jacobians and returns `(mean, None)` (the MAP reward only).
+            progress_bar: show a tqdm bar over batches (for long scoring jobs).
 
         Returns:
             `mean` and `var`, float tensors of shape `(B,)` on the CPU.
@@ -157,10 +160,14 @@ class BayesianRewardModel:
                 f"Got {len(prompts)} prompts but {len(completions)} completions: pass one prompt per completion."
             )
         ids = [tokenize_response(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
-        return self.predict_ids(ids, batch_size=batch_size, return_var=return_var)
+        return self.predict_ids(ids, batch_size=batch_size, return_var=return_var, progress_bar=progress_bar)
 
     def predict_ids(
-        self, token_ids: Sequence[list[int]], batch_size: int = 16, return_var: bool = True
+        self,
+        token_ids: Sequence[list[int]],
+        batch_size: int = 16,
+        return_var: bool = True,
+        progress_bar: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Like `predict`, from token ids already tokenized with `tokenize_response`."""
         if len(token_ids) == 0:
@@ -170,7 +177,8 @@ class BayesianRewardModel:
         self.model.eval()
         means, variances = [], []
         try:
-            for start in range(0, len(token_ids), batch_size):
+            starts = range(0, len(token_ids), batch_size)
+            for start in tqdm(starts, desc="Scoring (mean, var)", disable=not progress_bar):
                 input_ids, attention_mask = pad_right(
                     token_ids[start : start + batch_size], self.tokenizer.pad_token_id
                 )
@@ -185,6 +193,47 @@ class BayesianRewardModel:
         finally:
             self.model.train(was_training)
         return torch.cat(means), (torch.cat(variances) if return_var else None)
+
+    def predict_pairs(
+        self,
+        prompts: Sequence[Any],
+        chosen: Sequence[Any],
+        rejected: Sequence[Any],
+        batch_size: int = 16,
+        progress_bar: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gaussian reward differences r(chosen) - r(rejected) of preference pairs, with their exact covariance.
+
+        The variance is (J_c - J_r) Σ (J_c - J_r)^T: chosen and rejected share the weights (and the prompt), so it is
+        not var_c + var_r. Bradley-Terry predictive: p(chosen > rejected) ~ sigmoid(mean / sqrt(1 + pi/8 var)).
+
+        Returns:
+            `mean` and `var` of the differences, float tensors of shape `(B,)` on the CPU.
+        """
+        if not len(prompts) == len(chosen) == len(rejected):
+            raise ValueError(f"Got {len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected.")
+        ids_c = [tokenize_response(self.tokenizer, p, c) for p, c in zip(prompts, chosen, strict=True)]
+        ids_r = [tokenize_response(self.tokenizer, p, r) for p, r in zip(prompts, rejected, strict=True)]
+        was_training = self.model.training
+        self.model.eval()
+        means, variances = [], []
+        try:
+            for start in tqdm(range(0, len(ids_c), batch_size), desc="Scoring pairs", disable=not progress_bar):
+                stop = start + batch_size
+                input_ids, attention_mask = pad_right(
+                    ids_c[start:stop] + ids_r[start:stop], self.tokenizer.pad_token_id
+                )
+                rewards, jac = reward_jacobians(
+                    self.model, self.params, input_ids.to(self.device), attention_mask.to(self.device)
+                )
+                n = len(ids_c[start:stop])
+                means.append((rewards[:n] - rewards[n:]).detach().cpu())
+                variances.append(glm_variance(self.laplace, jac[:n] - jac[n:]).detach().cpu())
+        finally:
+            self.model.train(was_training)
+        if not means:
+            return torch.zeros(0), torch.zeros(0)
+        return torch.cat(means), torch.cat(variances)
 
     # -- serialization -------------------------------------------------------------------------------------------
     def save_posterior(self, directory: str | Path) -> None:
@@ -347,7 +396,7 @@ class PenalizedReward:
     """A TRL reward function from one Bayesian reward model or an ensemble of them.
 
     Not an `nn.Module` on purpose: GRPO/RLOO treat module rewards as Hugging Face models and score them their own way.
-    Picklable (a plain class holding models), so it works with dataloader workers and multiprocessing.
+    A plain class rather than a closure, so TRL names it (`__name__`) and it can carry state (the models).
 
     Args:
         models (`BayesianRewardModel` or a list of them): one model, or independently trained members.

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -103,9 +104,6 @@ class BayesianRewardTrainer(RewardTrainer):
                 "The tokenizer has neither a pad token nor an EOS token: set `tokenizer.pad_token = ...` or pass "
                 "`BayesianRewardConfig(pad_token=...)`."
             )
-        # A model built from a config has no Hub name or path to reload its base from: save_model writes it.
-        base = model.get_base_model() if is_peft_model(model) else model
-        self._base_model_name = base.config._name_or_path or None
         super().__init__(
             model,
             args=args,
@@ -114,6 +112,14 @@ class BayesianRewardTrainer(RewardTrainer):
             peft_config=peft_config,
             **kwargs,
         )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != self.accelerator.num_processes:
+            raise RuntimeError(
+                f"{launched} processes were launched but the trainer sees {self.accelerator.num_processes}: each would "
+                "train alone and overwrite the others' files. On CPU pass `use_cpu=True` (`--use_cpu true`)."
+            )
+        # A model built from a config has no Hub name or path to reload its base from: save_model writes it.
+        self._base_model_name = self.accelerator.unwrap_model(self.model).get_base_model().config._name_or_path or None
         self.posterior: BayesianRewardModel | None = None
 
     def train(self, *args, **kwargs):
@@ -136,6 +142,11 @@ class BayesianRewardTrainer(RewardTrainer):
             The [`BayesianRewardModel`], also kept as `self.posterior`.
         """
         args, start = self.args, time.perf_counter()
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise NotImplementedError(
+                "fit_posterior() needs the LoRA weights whole on every process; DeepSpeed ZeRO-3 shards them. Fit the "
+                "posterior in a ZeRO-2 or DDP run from the saved adapter (`fit_posterior` works without `train()`)."
+            )
         if dataset is None:
             dataset = self.train_dataset
         else:
@@ -219,6 +230,11 @@ class BayesianRewardTrainer(RewardTrainer):
 
     def _gridsearch_split(self, pairs: list) -> tuple[list, list]:
         """Held-out pairs for the prior grid search: `eval_dataset` if given, else a seeded fraction of `pairs`."""
+        if isinstance(self.eval_dataset, dict):
+            raise ValueError(
+                "optimize_prior_precision='gridsearch' needs one held-out set, but `eval_dataset` is a dict of "
+                f"{sorted(self.eval_dataset)}: pass a single Dataset, or none to hold out `posterior_val_fraction`."
+            )
         if isinstance(self.eval_dataset, Dataset) and len(self.eval_dataset) > 0:
             return pairs, list(zip(self.eval_dataset["chosen_ids"], self.eval_dataset["rejected_ids"], strict=True))
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(self.args.seed)).tolist()

@@ -1,0 +1,61 @@
+"""Smoke runs of the recipes as a user launches them (subprocess, tiny budgets)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trl_bayes import BayesianRewardModel
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def test_reward_recipe_offline_default_writes_adapter_posterior_and_summary(tmp_path):
+    out = tmp_path / "rm"
+    _run(
+        str(RECIPES / "reward.py"),
+        "--output_dir",
+        str(out),
+        "--num_train_pairs",
+        "96",
+        "--num_eval_pairs",
+        "24",
+        "--num_train_epochs",
+        "1",
+        "--hessian_structure",
+        "diag",
+    )
+    summary = json.loads((out / "eval_summary.json").read_text())
+    assert summary["num_train_pairs"] == 96 and summary["num_eval_pairs"] == 24
+    assert summary["hessian_structure"] == "diag" and summary["prior_precision"] > 0
+    assert 0.0 <= summary["metrics"]["map_accuracy"] <= 1.0
+    assert (out / "summary.md").read_text().startswith("# Bayesian")
+    model = BayesianRewardModel.from_pretrained(out)
+    assert model.predict(["please list fruits : "], ["apple"])[1].item() > 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dataset_name", "no/such/file.jsonl"], "no such file or folder"),
+        (["--use_peft", "false"], "use_peft"),
+        (["--hessian_structure", "banana"], "hessian_structure"),
+    ],
+)
+def test_reward_recipe_fails_fast_on_bad_configuration(tmp_path, flags, message):
+    result = _run(str(RECIPES / "reward.py"), "--output_dir", str(tmp_path / "x"), *flags, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
