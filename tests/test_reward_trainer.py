@@ -200,3 +200,25 @@ def test_bad_inputs_fail_fast_with_clear_errors(tokenizer, tmp_path):
         trainer.fit_posterior(pairs.remove_columns("chosen"))
     with pytest.raises(ValueError, match="one prompt per completion"):
         trainer.fit_posterior().predict(["a"], ["b", "c"])
+
+
+def test_model_given_by_path_is_recorded_as_base_model(tokenizer, tmp_path):
+    base_dir = tmp_path / "base"
+    make_reward_model(tokenizer).save_pretrained(base_dir)
+    args = BayesianRewardConfig(
+        str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", posterior_batch_size=4, disable_tqdm=True
+    )
+    trainer = BayesianRewardTrainer(
+        str(base_dir),
+        args=args,
+        train_dataset=make_preference_dataset(8),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+    )
+    trainer.fit_posterior()
+    trainer.save_model(str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "base_model").exists()  # reloadable from its path: not copied
+    loaded = BayesianRewardModel.from_pretrained(tmp_path / "out")
+    assert loaded.metadata["base_model"] == str(base_dir)
+    expected = trainer.posterior.predict(["name a few tools : "], ["saw"])
+    torch.testing.assert_close(loaded.predict(["name a few tools : "], ["saw"]), expected)
