@@ -66,3 +66,35 @@ def test_two_process_posterior_equals_one_process(tmp_path):
         m1, m2 = (json.loads((d / structure / "laplace_config.json").read_text()) for d in (one, two))
         assert m1["n_data"] == m2["n_data"]
         assert m2["prior_precision"] == pytest.approx(m1["prior_precision"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_without_use_cpu_fail_fast(tmp_path):
+    """Without `use_cpu=True`, transformers gives each CPU process a world of its own; they would all train alone and
+    overwrite each other's files. The trainer refuses before any work."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "reward.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        str(ACCELERATE),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(recipe),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--num_train_pairs",
+        "16",
+        "--num_eval_pairs",
+        "4",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "processes were launched but the trainer sees 1" in result.stderr
+    assert not (tmp_path / "out" / "laplace_posterior.safetensors").exists()

@@ -6,10 +6,12 @@ import shutil
 import pytest
 import torch
 from datasets import Dataset
+from laplace.utils import Kron
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 
 from trl_bayes import BayesianRewardConfig, BayesianRewardModel, BayesianRewardTrainer
+from trl_bayes.laplace_lora import eigendecomposition_errors_raise
 from trl_bayes.reward import POSTERIOR_CONFIG_NAME, POSTERIOR_WEIGHTS_NAME, tokenize_response
 from trl_bayes.synthetic import build_tokenizer, make_preference_dataset
 
@@ -222,3 +224,16 @@ def test_model_given_by_path_is_recorded_as_base_model(tokenizer, tmp_path):
     assert loaded.metadata["base_model"] == str(base_dir)
     expected = trainer.posterior.predict(["name a few tools : "], ["saw"])
     torch.testing.assert_close(loaded.predict(["name a few tools : "], ["saw"]), expected)
+
+
+def test_half_precision_model_is_refused_before_the_fit(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, tmp_path, num_pairs=8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="needs a float32"):
+        trainer.fit_posterior()
+
+
+def test_failed_eigendecomposition_raises_instead_of_exiting():
+    # laplace-torch's symeig calls exit() when eigh fails; a run must not end silently with status 0.
+    bad = Kron([[torch.full((3, 3), float("nan")), torch.eye(2)]])
+    with pytest.raises(RuntimeError, match="eigendecompose"), eigendecomposition_errors_raise():
+        bad.decompose()

@@ -9,6 +9,7 @@ for Large Language Models" (arXiv 2308.13111).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -83,6 +84,30 @@ class RewardPairModel(nn.Module):
             logits = self.model(input_ids=input_ids.flatten(0, 1), attention_mask=attention_mask.flatten(0, 1)).logits
             return logits.view(input_ids.shape[0], 2)
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+@contextlib.contextmanager
+def eigendecomposition_errors_raise():
+    """Turn laplace-torch's `exit()` on a failed eigendecomposition of a Kronecker factor (`laplace.utils.symeig`) into
+    an exception: a silent exit with status 0 would end the user's run and report success."""
+    try:
+        yield
+    except SystemExit as error:
+        raise RuntimeError(
+            "laplace-torch failed to eigendecompose a Kronecker factor of the curvature (non-finite or low-precision "
+            "values). Check that the reward model is float32 and its rewards finite, or use hessian_structure='diag'."
+        ) from error
+
+
+def check_laplace_dtype(model: nn.Module) -> None:
+    """The curvature and the posterior algebra (eigendecompositions, log-determinants) need float32 or float64."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"The Laplace posterior needs a float32 (or float64) model, but {name} is {param.dtype}. Load the "
+                "reward model with `dtype=torch.float32` (mixed-precision training with `bf16=True` keeps float32 "
+                "weights and is fine)."
+            )
 
 
 def select_laplace_parameters(model: nn.Module, subset_of_weights: SubsetOfWeights | str) -> list[str]:
@@ -203,7 +228,8 @@ def fit_laplace(
     )
     was_training = la.model.training
     if isinstance(la, KronLaplace) or laplace_backend:
-        la.fit(loader, progress_bar=progress_bar)
+        with eigendecomposition_errors_raise():
+            la.fit(loader, progress_bar=progress_bar)
     else:
         fit_exact_ggn(la, loader, progress_bar=progress_bar)
     la.model.train(was_training)
@@ -249,7 +275,8 @@ def _all_reduce_curvature(la: ParametricLaplace, all_reduce: AllReduce) -> None:
         # Kronecker factors add up factor-wise over batches in laplace-torch (`Kron.__add__`); do the same over
         # processes, then redo the eigendecomposition that `fit` did on the local factors.
         la.H_facs = Kron([[all_reduce(f.clone()) for f in block] for block in la.H_facs.kfacs])
-        la.H = la.H_facs.decompose(damping=la.damping)
+        with eigendecomposition_errors_raise():
+            la.H = la.H_facs.decompose(damping=la.damping)
     else:
         la.H = all_reduce(la.H.clone())
         if isinstance(la, FullLaplace):
@@ -404,6 +431,7 @@ def load_laplace_tensors(la: ParametricLaplace, tensors: dict[str, torch.Tensor]
         "enable_backprop": False,
         "cls_name": type(la).__name__,
     }
-    la.load_state_dict(state)
+    with eigendecomposition_errors_raise():
+        la.load_state_dict(state)
     if isinstance(la, DiagLaplace | FullLaplace):
         la.H = H

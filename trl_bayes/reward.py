@@ -260,7 +260,7 @@ class BayesianRewardModel:
         cls,
         directory: str | Path,
         base_model: str | None = None,
-        torch_dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype = torch.float32,
         device: str | torch.device | None = None,
     ) -> BayesianRewardModel:
         """Load adapter + posterior written by `BayesianRewardTrainer.save_model` or `save_pretrained`.
@@ -269,7 +269,8 @@ class BayesianRewardModel:
             directory: the folder with `adapter_config.json` and `laplace_config.json`.
             base_model: override the base model (Hub name or path); by default `directory/base_model` if present,
                 else the base model recorded at fit time.
-            torch_dtype: dtype to load the model in (e.g. `torch.float64` for tests).
+            torch_dtype: dtype to load the model in: float32 (the default, whatever the checkpoint's dtype) or float64;
+                the posterior algebra needs one of them.
             device: where to put the model.
 
         Raises:
@@ -297,14 +298,13 @@ class BayesianRewardModel:
         if not base_model:
             raise ValueError(f"{directory} names no base model and has no '{BASE_MODEL_DIR}/': pass `base_model=`.")
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        kwargs: dict[str, Any] = {"num_labels": 1, "attn_implementation": "eager"}
-        if torch_dtype is not None:
-            kwargs["dtype"] = torch_dtype
+        if torch_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"torch_dtype={torch_dtype}: the Laplace posterior needs torch.float32 or torch.float64.")
+        kwargs: dict[str, Any] = {"num_labels": 1, "attn_implementation": "eager", "dtype": torch_dtype}
         base = AutoModelForSequenceClassification.from_pretrained(base_model, **kwargs)
         base.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(base, directory, is_trainable=True)
-        if torch_dtype is not None:
-            model.to(torch_dtype)  # PEFT keeps adapters in float32 by default
+        model.to(torch_dtype)  # PEFT keeps adapters in float32 by default
         if device is not None:
             model.to(device)
         model.eval()
@@ -325,7 +325,7 @@ class BayesianRewardModel:
         tensors = load_file(str(directory / POSTERIOR_WEIGHTS_NAME))
         current = torch.cat([p.detach().flatten() for p in la.params]).cpu().double()
         fitted = tensors["mean"].double()
-        tolerance = 1e-2 if la.params[0].dtype in (torch.bfloat16, torch.float16) else 1e-5
+        tolerance = 1e-5
         if current.shape != fitted.shape or (current - fitted).norm() > tolerance * (fitted.norm() + 1e-12):
             raise ValueError(
                 f"The posterior in {directory} was fitted at other adapter weights than the ones loaded (relative "

@@ -13,6 +13,7 @@ from trl.data_utils import get_dataset_column_names
 from .laplace_lora import (
     PriorPrecisionMethod,
     RewardPairModel,
+    check_laplace_dtype,
     fit_laplace,
     make_laplace,
     optimize_prior_precision_gridsearch,
@@ -165,6 +166,7 @@ class BayesianRewardTrainer(RewardTrainer):
         model.set_attn_implementation("eager")  # curvature backends need double-differentiable attention
         requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         embeddings_hooks = _pop_input_require_grads_hooks(model)
+        check_laplace_dtype(model)
         names = select_laplace_parameters(model, args.subset_of_weights)
         acc = self.accelerator
         all_reduce = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
