@@ -105,8 +105,8 @@ def check_laplace_dtype(model: nn.Module) -> None:
         if param.is_floating_point() and param.dtype not in (torch.float32, torch.float64):
             raise ValueError(
                 f"The Laplace posterior needs a float32 (or float64) model, but {name} is {param.dtype}. Load the "
-                "reward model with `dtype=torch.float32` (mixed-precision training with `bf16=True` keeps float32 "
-                "weights and is fine)."
+                "reward model with `dtype=torch.float32` (for a model name: `BayesianRewardConfig(model_init_kwargs="
+                "{'dtype': 'float32'})`); mixed-precision training with `bf16=True` keeps float32 weights and is fine."
             )
 
 
