@@ -238,6 +238,18 @@ def fit_laplace(
     return la
 
 
+def pair_differences(rewards: torch.Tensor, jacobians: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reward differences and their gradients from interleaved rows (chosen_0, rejected_0, chosen_1, ...).
+
+    Args:
+        rewards: `(2B,)`; jacobians: `(2B, P)`.
+
+    Returns:
+        r(chosen) - r(rejected) `(B,)` and its gradient `(B, P)`.
+    """
+    return rewards[0::2] - rewards[1::2], jacobians[0::2] - jacobians[1::2]
+
+
 def fit_exact_ggn(la: DiagLaplace | FullLaplace, loader: DataLoader, progress_bar: bool = False) -> None:
     """The exact diagonal or dense GGN of the Bradley-Terry likelihood, at a cost linear in the batch.
 
@@ -255,9 +267,7 @@ def fit_exact_ggn(la: DiagLaplace | FullLaplace, loader: DataLoader, progress_ba
     model = la.model.model
     for batch in tqdm(loader, desc="[Computing Hessian]", disable=not progress_bar):
         input_ids, attention_mask = batch["input_ids"].flatten(0, 1), batch["attention_mask"].flatten(0, 1)
-        rewards, jac = reward_jacobians(model, la.params, input_ids, attention_mask)  # rows: c0, r0, c1, r1, ...
-        diff = rewards[0::2] - rewards[1::2]
-        g = jac[0::2] - jac[1::2]  # (B, P)
+        diff, g = pair_differences(*reward_jacobians(model, la.params, input_ids, attention_mask))  # (B,), (B, P)
         weight = torch.sigmoid(diff) * torch.sigmoid(-diff)  # p (1 - p)
         la.loss = la.loss + torch.nn.functional.softplus(-diff).sum()  # cross-entropy with target "chosen"
         if isinstance(la, FullLaplace):
@@ -323,15 +333,15 @@ def optimize_prior_precision_gridsearch(
     for start in range(0, len(val_pairs), batch_size):
         chunk = val_pairs[start : start + batch_size]
         batch = collate_pairs(chunk, pad_token_id)
-        flat = {k: batch[k].flatten(0, 1) for k in ("input_ids", "attention_mask")}
-        rewards, jac = jacobian_fn(flat)
-        mus.append(rewards.view(-1, 2) @ torch.tensor([1.0, -1.0], dtype=rewards.dtype))
-        jacs.append(jac.view(len(chunk), 2, -1)[:, 0] - jac.view(len(chunk), 2, -1)[:, 1])
+        flat = {k: batch[k].flatten(0, 1) for k in ("input_ids", "attention_mask")}  # rows: c0, r0, c1, r1, ...
+        diff, g = pair_differences(*jacobian_fn(flat))
+        mus.append(diff)
+        jacs.append(g)
     mu, jac = torch.cat(mus), torch.cat(jacs)
     nlls = []
     for prior in grid:
         la.prior_precision = float(prior)
-        var = la.functional_variance(jac.unsqueeze(1)).reshape(-1)
+        var = glm_variance(la, jac)
         nll = -torch.nn.functional.logsigmoid(mu / torch.sqrt(1 + math.pi / 8 * var)).sum()
         nlls.append(nll)
     nlls_t = torch.stack(nlls)
@@ -433,5 +443,3 @@ def load_laplace_tensors(la: ParametricLaplace, tensors: dict[str, torch.Tensor]
     }
     with eigendecomposition_errors_raise():
         la.load_state_dict(state)
-    if isinstance(la, DiagLaplace | FullLaplace):
-        la.H = H

@@ -28,6 +28,7 @@ from .laplace_lora import (
     laplace_tensors,
     load_laplace_tensors,
     make_laplace,
+    pair_differences,
     reward_jacobians,
     select_laplace_parameters,
 )
@@ -212,23 +213,25 @@ class BayesianRewardModel:
         """
         if not len(prompts) == len(chosen) == len(rejected):
             raise ValueError(f"Got {len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected.")
-        ids_c = [tokenize_response(self.tokenizer, p, c) for p, c in zip(prompts, chosen, strict=True)]
-        ids_r = [tokenize_response(self.tokenizer, p, r) for p, r in zip(prompts, rejected, strict=True)]
+        # Interleaved (chosen_0, rejected_0, chosen_1, ...), the layout `pair_differences` reads.
+        ids = [
+            tokenize_response(self.tokenizer, p, completion)
+            for p, c, r in zip(prompts, chosen, rejected, strict=True)
+            for completion in (c, r)
+        ]
         was_training = self.model.training
         self.model.eval()
         means, variances = [], []
         try:
-            for start in tqdm(range(0, len(ids_c), batch_size), desc="Scoring pairs", disable=not progress_bar):
-                stop = start + batch_size
-                input_ids, attention_mask = pad_right(
-                    ids_c[start:stop] + ids_r[start:stop], self.tokenizer.pad_token_id
+            for start in tqdm(range(0, len(ids), 2 * batch_size), desc="Scoring pairs", disable=not progress_bar):
+                input_ids, attention_mask = pad_right(ids[start : start + 2 * batch_size], self.tokenizer.pad_token_id)
+                diff, g = pair_differences(
+                    *reward_jacobians(
+                        self.model, self.params, input_ids.to(self.device), attention_mask.to(self.device)
+                    )
                 )
-                rewards, jac = reward_jacobians(
-                    self.model, self.params, input_ids.to(self.device), attention_mask.to(self.device)
-                )
-                n = len(ids_c[start:stop])
-                means.append((rewards[:n] - rewards[n:]).detach().cpu())
-                variances.append(glm_variance(self.laplace, jac[:n] - jac[n:]).detach().cpu())
+                means.append(diff.detach().cpu())
+                variances.append(glm_variance(self.laplace, g).detach().cpu())
         finally:
             self.model.train(was_training)
         if not means:

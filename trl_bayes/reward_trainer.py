@@ -163,15 +163,15 @@ class BayesianRewardTrainer(RewardTrainer):
         # Without Accelerate's mixed-precision forward wrapper: the curvature and the predictive are computed in the
         # model's own dtype (float32 by default), not in the autocast dtype of training. This stays so afterwards.
         model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
-        model.set_attn_implementation("eager")  # curvature backends need double-differentiable attention
-        requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        embeddings_hooks = _pop_input_require_grads_hooks(model)
         check_laplace_dtype(model)
-        names = select_laplace_parameters(model, args.subset_of_weights)
+        model.set_attn_implementation("eager")  # curvature backends need double-differentiable attention
         acc = self.accelerator
         all_reduce = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
         pad_token_id = self.processing_class.pad_token_id
-        try:
+        requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        embeddings_hooks = _pop_input_require_grads_hooks(model)
+        try:  # the model's trainable flags and hooks come back whatever happens
+            names = select_laplace_parameters(model, args.subset_of_weights)
             la = make_laplace(RewardPairModel(model), args.hessian_structure, args.prior_precision, args.kfac_approx)
             fit_laplace(
                 la,
