@@ -55,6 +55,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification, Printe
 
 import trl_bayes
 from trl_bayes import BayesianRewardConfig, BayesianRewardModel, BayesianRewardTrainer
+from trl_bayes.laplace_lora import pop_input_require_grads_hooks
 from trl_bayes.reward import pad_right
 from trl_bayes.synthetic import build_tokenizer
 
@@ -188,14 +189,11 @@ def without_input_require_grads_hooks(model: torch.nn.Module) -> Iterator[None]:
     `requires_grad_` inside the forward, which laplace-torch's torch.func Jacobians (the stock predictive) refuse.
     `fit_posterior` detaches them during the fit only and puts them back, so the stock call needs the same treatment.
     """
-    hooks = model.get_input_embeddings()._forward_hooks
-    popped = {k: f for k, f in hooks.items() if getattr(f, "__name__", "").startswith("make_inputs_require_grad")}
-    for key in popped:
-        del hooks[key]
+    popped = pop_input_require_grads_hooks(model)
     try:
         yield
     finally:
-        hooks.update(popped)
+        model.get_input_embeddings()._forward_hooks.update(popped)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

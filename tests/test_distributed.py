@@ -27,33 +27,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(command: list[str]) -> None:
+def _two_processes(script: Path, *args: str) -> list[str]:
+    """The command that runs `script` in two gloo processes on this CPU machine."""
+    launch = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    return [*launch, "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(script), *args]
+
+
+def _run(command: list[str], check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    if check:
+        assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
 
 
 @pytest.mark.slow
 def test_two_process_posterior_equals_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, str(SCRIPT), str(one)])
-    _run(
-        [
-            str(ACCELERATE),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--main_process_port",
-            str(_free_port()),
-            str(SCRIPT),
-            str(two),
-        ]
-    )
+    _run(_two_processes(SCRIPT, str(two)))
     for structure in ("kron", "diag"):
         p1, p2 = (json.loads((d / structure / "predictions.json").read_text()) for d in (one, two))
         assert (p1["num_processes"], p2["num_processes"]) == (1, 2)
@@ -73,28 +65,8 @@ def test_two_cpu_processes_without_use_cpu_fail_fast(tmp_path):
     """Without `use_cpu=True`, transformers gives each CPU process a world of its own; they would all train alone and
     overwrite each other's files. The trainer refuses before any work."""
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "reward.py"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [
-        str(ACCELERATE),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        str(recipe),
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--num_train_pairs",
-        "16",
-        "--num_eval_pairs",
-        "4",
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    args = ["--output_dir", str(tmp_path / "out"), "--num_train_pairs", "16", "--num_eval_pairs", "4"]
+    result = _run(_two_processes(recipe, *args), check=False)
     assert result.returncode != 0
     assert "processes were launched but the trainer sees 1" in result.stderr
     assert not (tmp_path / "out" / "laplace_posterior.safetensors").exists()

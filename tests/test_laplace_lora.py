@@ -19,11 +19,11 @@ from trl_bayes.laplace_lora import (
     RewardPairModel,
     fit_laplace,
     make_laplace,
+    pop_input_require_grads_hooks,
     select_laplace_parameters,
     shard_batches,
 )
 from trl_bayes.reward import tokenize_response
-from trl_bayes.reward_trainer import _pop_input_require_grads_hooks
 
 from .conftest import lora_config, make_trainer
 
@@ -207,7 +207,7 @@ def test_exact_ggn_fit_equals_laplace_torch_fit(tokenizer, tmp_path, structure):
     )
     model = trainer.accelerator.unwrap_model(trainer.model)
     select_laplace_parameters(model, "all")
-    _pop_input_require_grads_hooks(model)
+    pop_input_require_grads_hooks(model)
     pairs = list(zip(trainer.train_dataset["chosen_ids"], trainer.train_dataset["rejected_ids"], strict=True))
     fitted = []
     for laplace_backend in (False, True):

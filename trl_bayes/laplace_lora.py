@@ -110,6 +110,28 @@ def check_laplace_dtype(model: nn.Module) -> None:
             )
 
 
+def pop_input_require_grads_hooks(model) -> dict:
+    """Remove and return the `enable_input_require_grads` forward hooks of the input embeddings.
+
+    PEFT and the Trainer register them (sometimes twice, so `disable_input_require_grads` misses one); they call
+    `requires_grad_` inside the forward, which torch.func transforms (laplace-torch's "diag"/"full" Jacobians) refuse.
+    """
+    hooks = model.get_input_embeddings()._forward_hooks
+    popped = {k: f for k, f in hooks.items() if getattr(f, "__name__", "").startswith("make_inputs_require_grad")}
+    for key in popped:
+        del hooks[key]
+    return popped
+
+
+def split_validation_pairs(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out a seeded `fraction` of `pairs` (at least one); both parts keep the original order."""
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, int(round(fraction * len(pairs))))
+    if n_val >= len(pairs):
+        raise ValueError(f"Too few pairs ({len(pairs)}) to hold out a validation split for 'gridsearch'.")
+    return [pairs[i] for i in sorted(order[n_val:])], [pairs[i] for i in sorted(order[:n_val])]
+
+
 def select_laplace_parameters(model: nn.Module, subset_of_weights: SubsetOfWeights | str) -> list[str]:
     """Mark the weights that carry the posterior as the only ones requiring grad; return their names in order.
 

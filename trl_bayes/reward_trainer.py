@@ -18,8 +18,10 @@ from .laplace_lora import (
     make_laplace,
     optimize_prior_precision_gridsearch,
     optimize_prior_precision_marglik,
+    pop_input_require_grads_hooks,
     reward_jacobians,
     select_laplace_parameters,
+    split_validation_pairs,
 )
 from .reward import FORMAT_VERSION, BayesianRewardModel, save_base_model
 from .reward_config import BayesianRewardConfig
@@ -42,19 +44,6 @@ def check_preference_dataset(dataset: Any, name: str) -> None:
             f"`{name}` lacks column(s) {missing}; it has {sorted(columns)}. A preference dataset needs `chosen` and "
             "`rejected` (plus an optional `prompt`), or tokenized `chosen_ids` and `rejected_ids`."
         )
-
-
-def _pop_input_require_grads_hooks(model) -> dict:
-    """Remove and return the `enable_input_require_grads` forward hooks of the input embeddings.
-
-    PEFT and the Trainer register them (sometimes twice, so `disable_input_require_grads` misses one); they call
-    `requires_grad_` inside the forward, which torch.func transforms (laplace-torch's "diag"/"full" Jacobians) refuse.
-    """
-    hooks = model.get_input_embeddings()._forward_hooks
-    popped = {k: f for k, f in hooks.items() if getattr(f, "__name__", "").startswith("make_inputs_require_grad")}
-    for key in popped:
-        del hooks[key]
-    return popped
 
 
 class BayesianRewardTrainer(RewardTrainer):
@@ -169,7 +158,7 @@ class BayesianRewardTrainer(RewardTrainer):
         all_reduce = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
         pad_token_id = self.processing_class.pad_token_id
         requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        embeddings_hooks = _pop_input_require_grads_hooks(model)
+        embeddings_hooks = pop_input_require_grads_hooks(model)
         try:  # the model's trainable flags and hooks come back whatever happens
             names = select_laplace_parameters(model, args.subset_of_weights)
             la = make_laplace(RewardPairModel(model), args.hessian_structure, args.prior_precision, args.kfac_approx)
@@ -239,11 +228,7 @@ class BayesianRewardTrainer(RewardTrainer):
             )
         if isinstance(self.eval_dataset, Dataset) and len(self.eval_dataset) > 0:
             return pairs, list(zip(self.eval_dataset["chosen_ids"], self.eval_dataset["rejected_ids"], strict=True))
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(self.args.seed)).tolist()
-        n_val = max(1, int(round(self.args.posterior_val_fraction * len(pairs))))
-        if n_val >= len(pairs):
-            raise ValueError(f"Too few pairs ({len(pairs)}) to hold out a validation split for 'gridsearch'.")
-        return [pairs[i] for i in sorted(order[n_val:])], [pairs[i] for i in sorted(order[:n_val])]
+        return split_validation_pairs(pairs, self.args.posterior_val_fraction, self.args.seed)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """TRL's save (adapter, tokenizer), then the posterior and, for models built from a config, the base model."""

@@ -1,11 +1,12 @@
-"""The drop-in: TRL's own GRPOTrainer with `reward_funcs=[PenalizedReward(...)]`."""
+"""The drop-in: TRL's own GRPOTrainer and RLOOTrainer with `reward_funcs=[PenalizedReward(...)]`."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from datasets import Dataset
 from transformers import GPTNeoXForCausalLM
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from trl_bayes import PenalizedReward
 from trl_bayes.synthetic import tiny_gpt_neox_config
@@ -13,7 +14,8 @@ from trl_bayes.synthetic import tiny_gpt_neox_config
 from .conftest import make_trainer
 
 
-def test_grpo_trains_with_a_penalized_bayesian_reward(tokenizer, tmp_path):
+@pytest.mark.parametrize(("trainer_cls", "config_cls"), [(GRPOTrainer, GRPOConfig), (RLOOTrainer, RLOOConfig)])
+def test_trl_trainer_trains_with_a_penalized_bayesian_reward(tokenizer, tmp_path, trainer_cls, config_cls):
     reward_trainer = make_trainer(tokenizer, tmp_path / "rm", num_pairs=16)
     reward_trainer.train()
     reward = PenalizedReward(reward_trainer.posterior, penalty="std", k=1.0)
@@ -25,10 +27,11 @@ def test_grpo_trains_with_a_penalized_bayesian_reward(tokenizer, tmp_path):
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
     )
-    policy = GPTNeoXForCausalLM(config)
+    # Saved and passed by path, as users pass a Hub name: RLOO rebuilds its frozen reference policy from it.
+    GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "policy")
     prompts = Dataset.from_dict({"prompt": ["please list fruits : ", "name a few tools : "] * 4})
-    args = GRPOConfig(
-        output_dir=str(tmp_path / "grpo"),
+    args = config_cls(
+        output_dir=str(tmp_path / "policy_out"),
         use_cpu=True,
         bf16=False,
         report_to="none",
@@ -41,13 +44,17 @@ def test_grpo_trains_with_a_penalized_bayesian_reward(tokenizer, tmp_path):
         save_strategy="no",
         disable_tqdm=True,
     )
-    trainer = GRPOTrainer(
-        model=policy, reward_funcs=[reward], args=args, train_dataset=prompts, processing_class=tokenizer
+    trainer = trainer_cls(
+        model=str(tmp_path / "policy"),
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=prompts,
+        processing_class=tokenizer,
     )
-    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "laplace/reward_std" in entry]
     assert len(logs) == 2 and all(entry["laplace/reward_std"] > 0 for entry in logs)
     assert any(f"rewards/{reward.__name__}/mean" in entry for entry in trainer.state.log_history)
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
-    assert changed, "GRPO did not update the policy"
+    assert changed, f"{trainer_cls.__name__} did not update the policy"
