@@ -30,6 +30,19 @@ from .conftest import lora_config, make_trainer
 TINY = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2)
 
 
+def tiny_float64_trainer(tokenizer, path, num_pairs, **config):
+    """A float64 one-layer model with a rank-1 adapter: small enough for dense references."""
+    return make_trainer(
+        tokenizer, path, num_pairs=num_pairs, dtype=torch.float64, model_kwargs=TINY, peft=lora_config(r=1), **config
+    )
+
+
+def dense_log_marglik(ggn, log_lik, theta, delta):
+    """log p(D | theta) - 1/2 (log det P - n log delta + delta |theta|^2), P = GGN + delta I."""
+    precision = ggn + delta * torch.eye(len(theta), dtype=torch.float64)
+    return log_lik - 0.5 * (torch.logdet(precision) - len(theta) * math.log(delta) + delta * theta @ theta)
+
+
 def _dense_reference(posterior, pairs):
     model, params = posterior.model, posterior.params
 
@@ -52,13 +65,10 @@ def _dense_reference(posterior, pairs):
 
 @pytest.fixture(scope="module", params=["full", "diag"])
 def fitted(request, tokenizer, tmp_path_factory):
-    trainer = make_trainer(
+    trainer = tiny_float64_trainer(
         tokenizer,
         tmp_path_factory.mktemp(request.param),
-        num_pairs=12,
-        dtype=torch.float64,
-        model_kwargs=TINY,
-        peft=lora_config(r=1),
+        12,
         hessian_structure=request.param,
         optimize_prior_precision=None,
         prior_precision=0.7,
@@ -103,24 +113,19 @@ def test_log_marglik_matches_dense_reference(fitted):
     structure, _, posterior, pairs = fitted
     ggn, log_lik, _ = _dense_reference(posterior, pairs)
     theta = torch.cat([p.detach().flatten() for p in posterior.params])
-    n = len(theta)
     for delta in (0.3, 0.7, 4.0):
         curvature = ggn if structure == "full" else ggn.diagonal().diag()
-        precision = curvature + delta * torch.eye(n, dtype=torch.float64)
-        expected = log_lik - 0.5 * (torch.logdet(precision) - n * math.log(delta) + delta * theta @ theta)
+        expected = dense_log_marglik(curvature, log_lik, theta, delta)
         got = posterior.laplace.log_marginal_likelihood(prior_precision=torch.tensor([delta], dtype=torch.float64))
         torch.testing.assert_close(got.detach(), expected, rtol=1e-6, atol=1e-6)
     posterior.laplace.prior_precision = 0.7
 
 
 def test_marglik_optimum_is_a_maximum_of_the_dense_marglik(tokenizer, tmp_path):
-    trainer = make_trainer(
+    trainer = tiny_float64_trainer(
         tokenizer,
         tmp_path,
-        num_pairs=12,
-        dtype=torch.float64,
-        model_kwargs=TINY,
-        peft=lora_config(r=1),
+        12,
         hessian_structure="full",
         optimize_prior_precision="marglik",
         prior_precision_steps=300,
@@ -129,28 +134,19 @@ def test_marglik_optimum_is_a_maximum_of_the_dense_marglik(tokenizer, tmp_path):
     pairs = list(zip(trainer.train_dataset["chosen_ids"], trainer.train_dataset["rejected_ids"], strict=True))
     ggn, log_lik, _ = _dense_reference(posterior, pairs)
     theta = torch.cat([p.detach().flatten() for p in posterior.params])
-    n = len(theta)
-
-    def dense_marglik(delta):
-        precision = ggn + delta * torch.eye(n, dtype=torch.float64)
-        return log_lik - 0.5 * (torch.logdet(precision) - n * math.log(delta) + delta * theta @ theta)
-
     best = posterior.prior_precision
     assert best != 1.0  # moved away from the initial value
     for factor in (1.1, 1 / 1.1, 2.0, 0.5):
-        assert dense_marglik(best) > dense_marglik(best * factor)
+        assert dense_log_marglik(ggn, log_lik, theta, best) > dense_log_marglik(ggn, log_lik, theta, best * factor)
 
 
 def test_kron_variance_tends_to_prior_variance_under_a_strong_prior(tokenizer, tmp_path):
     """With P = H + delta I and delta >> |H|, var(x) -> |J(x)|^2 / delta: checks the Kronecker inverse path."""
     delta = 1e9
-    trainer = make_trainer(
+    trainer = tiny_float64_trainer(
         tokenizer,
         tmp_path,
-        num_pairs=8,
-        dtype=torch.float64,
-        model_kwargs=TINY,
-        peft=lora_config(r=1),
+        8,
         hessian_structure="kron",
         optimize_prior_precision=None,
         prior_precision=delta,
@@ -164,13 +160,10 @@ def test_kron_variance_tends_to_prior_variance_under_a_strong_prior(tokenizer, t
 
 
 def test_kron_variance_is_below_the_prior_variance_and_positive(tokenizer, tmp_path):
-    trainer = make_trainer(
+    trainer = tiny_float64_trainer(
         tokenizer,
         tmp_path,
-        num_pairs=16,
-        dtype=torch.float64,
-        model_kwargs=TINY,
-        peft=lora_config(r=1),
+        16,
         hessian_structure="kron",
         optimize_prior_precision=None,
         prior_precision=1.0,
@@ -195,13 +188,10 @@ def test_shard_batches_partition_the_global_batches():
 @pytest.mark.parametrize("structure", ["diag", "full"])
 def test_exact_ggn_fit_equals_laplace_torch_fit(tokenizer, tmp_path, structure):
     """Our linear-cost GGN against laplace-torch's own `fit` (its curvature backend) on the same pairs."""
-    trainer = make_trainer(
+    trainer = tiny_float64_trainer(
         tokenizer,
         tmp_path,
-        num_pairs=10,
-        dtype=torch.float64,
-        model_kwargs=TINY,
-        peft=lora_config(r=1),
+        10,
         hessian_structure=structure,
         optimize_prior_precision=None,
     )

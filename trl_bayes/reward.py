@@ -9,6 +9,7 @@ arXiv 2310.02743): `wco` = min over members, `uwo` = mean - k * (population vari
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Sequence
 from enum import Enum
@@ -99,6 +100,17 @@ def save_base_model(model: PeftModel, directory: str | Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode (no dropout) inside the block, its previous mode restored after, even on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 class BayesianRewardModel:
     """A LoRA reward model with a Laplace posterior over its adapter: every reward is N(mean, var).
 
@@ -174,10 +186,8 @@ class BayesianRewardModel:
         if len(token_ids) == 0:
             empty = torch.zeros(0)
             return empty, (empty if return_var else None)
-        was_training = self.model.training
-        self.model.eval()
         means, variances = [], []
-        try:
+        with eval_mode(self.model):
             starts = range(0, len(token_ids), batch_size)
             for start in tqdm(starts, desc="Scoring (mean, var)", disable=not progress_bar):
                 input_ids, attention_mask = pad_right(
@@ -191,8 +201,6 @@ class BayesianRewardModel:
                     with torch.no_grad():
                         rewards = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.reshape(-1)
                 means.append(rewards.detach().cpu())
-        finally:
-            self.model.train(was_training)
         return torch.cat(means), (torch.cat(variances) if return_var else None)
 
     def predict_pairs(
@@ -219,10 +227,8 @@ class BayesianRewardModel:
             for p, c, r in zip(prompts, chosen, rejected, strict=True)
             for completion in (c, r)
         ]
-        was_training = self.model.training
-        self.model.eval()
         means, variances = [], []
-        try:
+        with eval_mode(self.model):
             for start in tqdm(range(0, len(ids), 2 * batch_size), desc="Scoring pairs", disable=not progress_bar):
                 input_ids, attention_mask = pad_right(ids[start : start + 2 * batch_size], self.tokenizer.pad_token_id)
                 diff, g = pair_differences(
@@ -232,8 +238,6 @@ class BayesianRewardModel:
                 )
                 means.append(diff.detach().cpu())
                 variances.append(glm_variance(self.laplace, g).detach().cpu())
-        finally:
-            self.model.train(was_training)
         if not means:
             return torch.zeros(0), torch.zeros(0)
         return torch.cat(means), torch.cat(variances)
