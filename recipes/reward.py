@@ -335,27 +335,6 @@ def score_pairs(posterior, dataset, max_length: int | None, batch_size: int):
     return mean.to(torch.float64), var.to(torch.float64), len(dataset) - len(keep)
 
 
-def pair_metrics(diff_mean, diff_var) -> dict[str, float]:
-    """Held-out pair accuracy and Bradley-Terry NLL of the MAP reward and of the Laplace predictive."""
-    import torch
-    import torch.nn.functional as F
-
-    # Ties (equal rewards) count as half right, as a coin flip would.
-    accuracy = ((diff_mean > 0).double() + 0.5 * (diff_mean == 0).double()).mean()
-    map_nll = F.softplus(-diff_mean).mean()  # -log sigmoid(r_c - r_r)
-    # Probit approximation of E[sigmoid(r_c - r_r)] under the Laplace posterior: sigmoid(mu / sqrt(1 + pi/8 * var)),
-    # with var the exact GLM variance of the difference. The sign is unchanged, so accuracy is the MAP accuracy.
-    kappa = torch.rsqrt(1.0 + math.pi / 8.0 * diff_var.clamp_min(0))
-    laplace_nll = F.softplus(-kappa * diff_mean).mean()
-    return {
-        "map_accuracy": accuracy.item(),
-        "map_nll": map_nll.item(),
-        "laplace_probit_nll": laplace_nll.item(),
-        "mean_reward_margin": diff_mean.mean().item(),
-        "mean_margin_std": diff_var.clamp_min(0).sqrt().mean().item(),
-    }
-
-
 def write_summary(output_dir: Path, summary: dict) -> tuple[Path, Path]:
     json_path, md_path = output_dir / "eval_summary.json", output_dir / "summary.md"
     json_path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -395,6 +374,7 @@ def main(script_args, training_args, model_args):
     from packaging.version import Version
 
     from trl_bayes import BayesianRewardModel, BayesianRewardTrainer
+    from trl_bayes.diagnostics import pair_metrics
 
     state = PartialState()
     seconds: dict[str, float] = {}

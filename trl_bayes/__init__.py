@@ -1,5 +1,6 @@
 """trl_bayes: Bayesian (Laplace-LoRA) reward models for LLM alignment, inside TRL."""
 
+from .best_of_n import BestOfNOutput, BestOfNSampler, best_of_n_estimate, kl_best_of_n
 from .laplace_lora import HessianStructure, KFACApprox, PriorPrecisionMethod, SubsetOfWeights
 from .reward import BayesianRewardModel, PenalizedReward, Penalty, combine_gaussians, penalized_reward
 from .reward_config import BayesianRewardConfig
@@ -11,12 +12,16 @@ __all__ = [
     "BayesianRewardConfig",
     "BayesianRewardModel",
     "BayesianRewardTrainer",
+    "BestOfNOutput",
+    "BestOfNSampler",
     "HessianStructure",
     "KFACApprox",
     "PenalizedReward",
     "Penalty",
     "PriorPrecisionMethod",
     "SubsetOfWeights",
+    "best_of_n_estimate",
     "combine_gaussians",
+    "kl_best_of_n",
     "penalized_reward",
 ]

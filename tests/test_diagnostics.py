@@ -1,0 +1,55 @@
+"""Diagnostics against brute-force computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trl_bayes.diagnostics import expected_calibration_error, pair_metrics, uncertainty_along_n
+
+
+def test_expected_calibration_error_on_constructed_cases():
+    # Confidence 0.8 everywhere, 8 of 10 right: perfectly calibrated.
+    p = torch.tensor([0.8] * 8 + [0.2] * 2, dtype=torch.float64)
+    assert expected_calibration_error(p) == pytest.approx(0.0, abs=1e-12)
+    # Confidence 0.9, all right: under-confident by 0.1.
+    assert expected_calibration_error(torch.full((5,), 0.9)) == pytest.approx(0.1, abs=1e-6)
+    # Two bins: {0.55 x2, one right} -> |0.5 - 0.55|; {0.95 x2, both right} -> |1 - 0.95|; weights 1/2 each.
+    p = torch.tensor([0.55, 0.45, 0.95, 0.95], dtype=torch.float64)
+    assert expected_calibration_error(p) == pytest.approx(0.5 * 0.05 + 0.5 * 0.05)
+
+
+def test_pair_metrics_match_direct_formulas():
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(200, generator=g, dtype=torch.float64)
+    var = torch.rand(200, generator=g, dtype=torch.float64) * 3
+    m = pair_metrics(mean, var)
+    assert m["map_accuracy"] == pytest.approx((mean > 0).double().mean().item())
+    assert m["map_nll"] == pytest.approx(np.mean([-math.log(1 / (1 + math.exp(-x))) for x in mean.tolist()]))
+    probit = [x / math.sqrt(1 + math.pi / 8 * v) for x, v in zip(mean.tolist(), var.tolist(), strict=True)]
+    assert m["laplace_probit_nll"] == pytest.approx(np.mean([math.log1p(math.exp(-z)) for z in probit]))
+    assert m["laplace_probit_nll"] != pytest.approx(m["map_nll"])
+    no_var = pair_metrics(mean, torch.zeros_like(mean))
+    assert no_var["laplace_probit_nll"] == pytest.approx(no_var["map_nll"])
+    assert "laplace_ece" not in pair_metrics(mean)
+
+
+def test_uncertainty_along_n_against_a_loop():
+    rng = np.random.default_rng(0)
+    proxy, std, gold = rng.normal(size=(5, 16)), rng.random((5, 16)), rng.normal(size=(5, 16))
+    rows = uncertainty_along_n(proxy, std, gold, [1, 4, 16])
+    z = lambda x: (x - x.mean()) / x.std()  # noqa: E731
+    error = z(proxy) - z(gold)
+    for row, n in zip(rows, [1, 4, 16], strict=True):
+        keep = math.ceil(16 / n)
+        picked_std, picked_err = [], []
+        for p in range(5):
+            top = sorted(range(16), key=lambda j: -proxy[p, j])[:keep]
+            picked_std += [std[p, j] for j in top]
+            picked_err += [error[p, j] for j in top]
+        assert row["num_responses"] == 5 * keep
+        assert row["corr_std_error"] == pytest.approx(np.corrcoef(picked_std, picked_err)[0, 1])
+        assert row["mean_error"] == pytest.approx(np.mean(picked_err))

@@ -1,0 +1,81 @@
+"""The offline alignment world: deterministic for a seed, a gold reward that is the documented function, labels that
+follow it (up to the requested noise)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from trl_bayes.synthetic import (
+    CATEGORIES,
+    WorldConfig,
+    build_tokenizer,
+    gold_reward,
+    gold_score,
+    label_pairs,
+    make_demonstrations,
+    prompt_category,
+    split_prompts,
+    world_prompts,
+)
+
+
+def test_world_is_deterministic_for_a_seed_and_changes_with_it():
+    a, b, c = (
+        WorldConfig(seed=0, num_demonstrations=50),
+        WorldConfig(seed=0, num_demonstrations=50),
+        WorldConfig(seed=1, num_demonstrations=50),
+    )
+    assert split_prompts(a) == split_prompts(b) and split_prompts(a) != split_prompts(c)
+    train, held_out = split_prompts(a)
+    assert len(held_out) == a.num_eval_prompts and not set(train) & set(held_out)
+    assert sorted(train + held_out) == sorted(world_prompts())
+    demos_a, demos_b = make_demonstrations(train, a), make_demonstrations(train, b)
+    assert demos_a.to_dict() == demos_b.to_dict()
+    assert demos_a.to_dict() != make_demonstrations(split_prompts(c)[0], c).to_dict()
+    assert set(demos_a["prompt"]) <= set(train)
+
+
+def test_every_world_word_is_in_the_tokenizer_vocabulary():
+    tokenizer = build_tokenizer()
+    demos = make_demonstrations(split_prompts(WorldConfig())[0], WorldConfig(num_demonstrations=300))
+    for text in [*world_prompts(), *demos["completion"]]:
+        assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"], text
+
+
+def test_gold_is_the_documented_function():
+    # +1 per distinct on-topic item, -0.5 per off-topic item, -1 per repeated word, 0 for fillers.
+    assert gold_score("fruits", "apple pear plum") == 3.0
+    assert gold_score("fruits", "apple apple apple") == 1.0 - 2.0
+    assert gold_score("fruits", "apple hammer the the") == 1.0 - 0.5 + 0.0 - 1.0
+    assert gold_reward(["name some tools : ", "tell me good fruits : "], ["saw saw", "kiwi"]) == [0.0, 1.0]
+    assert prompt_category("please list a few instruments : ") == "instruments"
+    with pytest.raises(ValueError, match="Not an instruction"):
+        prompt_category("what is the capital of France?")
+
+
+def test_label_pairs_follow_the_gold_and_flip_at_the_requested_rate():
+    items = CATEGORIES["fruits"]
+    prompts = ["name some fruits : "] * 4000
+    first = [" ".join(items[: 1 + i % 5]) for i in range(4000)]
+    second = [" ".join(items[: 1 + (i * 7) % 6]) for i in range(4000)]
+    clean = label_pairs(prompts, first, second, seed=0)
+    ties = sum(len(a.split()) == len(b.split()) for a, b in zip(first, second, strict=True))
+    assert len(clean) == 4000 - ties
+    assert all(gc > gr for gc, gr in zip(clean["gold_chosen"], clean["gold_rejected"], strict=True))
+    noisy = label_pairs(prompts, first, second, seed=0, label_noise=0.25)
+    flipped = sum(noisy["flipped"])
+    assert flipped == sum(gc < gr for gc, gr in zip(noisy["gold_chosen"], noisy["gold_rejected"], strict=True))
+    # Binomial(n, 0.25): within 5 standard deviations.
+    n = len(noisy)
+    assert abs(flipped - 0.25 * n) < 5 * math.sqrt(n * 0.25 * 0.75)
+    with pytest.raises(ValueError, match="label_noise"):
+        label_pairs(prompts[:2], first[:2], second[:2], seed=0, label_noise=0.5)
+
+
+def test_world_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="num_eval_prompts"):
+        WorldConfig(num_eval_prompts=0)
+    with pytest.raises(ValueError, match="probabilities"):
+        WorldConfig(p_repeat=-0.1)
