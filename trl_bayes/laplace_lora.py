@@ -274,13 +274,15 @@ def fit_laplace(
         collate_fn=lambda b: {k: v.to(device) for k, v in collate_pairs(b, pad_token_id).items()},
     )
     was_training = la.model.training
+    distributed = all_reduce is not None and num_processes > 1
     if laplace_backend:
         with eigendecomposition_errors_raise():
             la.fit(loader, progress_bar=progress_bar)
     else:
-        fit_per_sample(la, loader, progress_bar=progress_bar)
+        # The all-reduce eigendecomposes the summed Kronecker factors: no need to decompose the local ones first.
+        fit_per_sample(la, loader, progress_bar=progress_bar, decompose=not distributed)
     la.model.train(was_training)
-    if all_reduce is not None and num_processes > 1:
+    if distributed:
         _all_reduce_curvature(la, all_reduce)
     return la
 
@@ -297,7 +299,9 @@ def pair_differences(rewards: torch.Tensor, jacobians: torch.Tensor) -> tuple[to
     return rewards[0::2] - rewards[1::2], jacobians[0::2] - jacobians[1::2]
 
 
-def fit_per_sample(la: ParametricLaplace, loader: DataLoader, progress_bar: bool = False) -> None:
+def fit_per_sample(
+    la: ParametricLaplace, loader: DataLoader, progress_bar: bool = False, decompose: bool = True
+) -> None:
     """The Bradley-Terry GGN curvature from per-sample layer gradients, one forward and one backward per batch.
 
     For the 2-class softmax over [r(chosen), r(rejected)], the Hessian of the loss in the logits is p(1-p) [[1, -1],
@@ -305,6 +309,7 @@ def fit_per_sample(la: ParametricLaplace, loader: DataLoader, progress_bar: bool
     g = grad [r(chosen) - r(rejected)]; "kron" gets laplace-torch's own K-FAC of it (`per_sample.KronCurvature` says
     which). Fills the same fields as laplace-torch's `fit` (`H`, `H_facs`, `loss`, `n_data`, `mean`), so its posterior
     algebra (`functional_variance`, `log_marginal_likelihood`, `optimize_prior_precision`) applies unchanged.
+    With `decompose=False`, kron leaves `H` as the summed factors (`H_facs`) for the caller to reduce and decompose.
     """
     la.model.eval()
     la._init_H()
@@ -331,9 +336,10 @@ def fit_per_sample(la: ParametricLaplace, loader: DataLoader, progress_bar: bool
             la.H += curvature.batch_curvature(la._device, la._dtype)
     la.n_data = n_data
     if isinstance(curvature, KronCurvature):
-        la.H_facs = Kron(curvature.kfacs(la.params))
-        with eigendecomposition_errors_raise():
-            la.H = la.H_facs.decompose(damping=la.damping)
+        la.H_facs = la.H = Kron(curvature.kfacs(la.params))
+        if decompose:
+            with eigendecomposition_errors_raise():
+                la.H = la.H_facs.decompose(damping=la.damping)
     elif isinstance(la, FullLaplace):
         la._posterior_scale = None
 
