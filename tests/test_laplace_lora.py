@@ -16,11 +16,6 @@ import pytest
 import torch
 
 from trl_bayes.laplace_lora import (
-    RewardPairModel,
-    fit_laplace,
-    make_laplace,
-    pop_input_require_grads_hooks,
-    select_laplace_parameters,
     shard_batches,
 )
 from trl_bayes.reward import tokenize_response
@@ -183,31 +178,3 @@ def test_shard_batches_partition_the_global_batches():
     assert shard_batches(10, 3, 1, 2) == [[3, 4, 5], [9]]
     with pytest.raises(ValueError, match="posterior_batch_size"):
         shard_batches(4, 4, 0, 2)
-
-
-@pytest.mark.parametrize("structure", ["diag", "full"])
-def test_exact_ggn_fit_equals_laplace_torch_fit(tokenizer, tmp_path, structure):
-    """Our linear-cost GGN against laplace-torch's own `fit` (its curvature backend) on the same pairs."""
-    trainer = tiny_float64_trainer(
-        tokenizer,
-        tmp_path,
-        10,
-        hessian_structure=structure,
-        optimize_prior_precision=None,
-    )
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    select_laplace_parameters(model, "all")
-    pop_input_require_grads_hooks(model)
-    pairs = list(zip(trainer.train_dataset["chosen_ids"], trainer.train_dataset["rejected_ids"], strict=True))
-    fitted = []
-    for laplace_backend in (False, True):
-        la = make_laplace(RewardPairModel(model), structure)
-        fit_laplace(la, pairs, tokenizer.pad_token_id, batch_size=4, laplace_backend=laplace_backend)
-        fitted.append(la)
-    ours, reference = fitted
-    assert ours.n_data == reference.n_data == 10
-    # laplace-torch's "full" multiplies curvlinops' GGN operator by a float32 identity: float32 precision there.
-    rtol = 1e-8 if structure == "diag" else 1e-5
-    torch.testing.assert_close(ours.H, reference.H, rtol=rtol, atol=rtol * reference.H.abs().max().item())
-    torch.testing.assert_close(torch.as_tensor(ours.loss), torch.as_tensor(reference.loss), rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(ours.log_marginal_likelihood(), reference.log_marginal_likelihood(), rtol=rtol, atol=0)

@@ -24,6 +24,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .per_sample import (
+    ExactGGN,
+    KronCurvature,
+    bradley_terry_weights,
+    forward_backward,
+    laplace_layers,
+    pair_difference,
+)
+
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 """Sums a tensor over processes and returns the sum (identity on a single process)."""
 
@@ -121,6 +130,20 @@ def pop_input_require_grads_hooks(model) -> dict:
     for key in popped:
         del hooks[key]
     return popped
+
+
+@contextlib.contextmanager
+def without_input_require_grads_hooks(model: nn.Module):
+    """The `enable_input_require_grads` hooks of the input embeddings detached inside the block, restored after.
+
+    Without them no backward runs below the first layer that carries Laplace weights, and torch.func transforms
+    (laplace-torch's stock predictive) work.
+    """
+    popped = pop_input_require_grads_hooks(model)
+    try:
+        yield
+    finally:
+        model.get_input_embeddings()._forward_hooks.update(popped)
 
 
 def split_validation_pairs(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -235,9 +258,11 @@ def fit_laplace(
     laplace-torch has no data-parallel support (its issue #5); each process fits its shard, then the additive pieces
     (the curvature and the loss) are summed. `n_data` is the global count on every process.
 
-    "kron" uses laplace-torch's `fit` (curvlinops K-FAC). "diag" and "full" use `fit_exact_ggn` unless
-    `laplace_backend=True`: laplace-torch builds them from Jacobians of all 2B outputs through the whole batch, which
-    costs time and memory quadratic in the batch (12 GB at 8 pairs of 128 tokens on a Pythia-70M shape).
+    By default the curvature comes from per-sample gradients, one forward and one backward per batch (`fit_per_sample`):
+    kron gives laplace-torch's K-FAC, diag and full the exact GGN. `laplace_backend=True` uses laplace-torch's own
+    `fit` (curvlinops) instead, the reference: for kron it costs a second backward and a second forward per batch, for
+    diag and full Jacobians of all 2B outputs through the whole batch, time and memory quadratic in the batch (12 GB at
+    8 pairs of 128 tokens on a Pythia-70M shape).
     """
     if len(pairs) == 0:
         raise ValueError("The posterior fit got an empty dataset: pass at least one preference pair.")
@@ -249,13 +274,15 @@ def fit_laplace(
         collate_fn=lambda b: {k: v.to(device) for k, v in collate_pairs(b, pad_token_id).items()},
     )
     was_training = la.model.training
-    if isinstance(la, KronLaplace) or laplace_backend:
+    distributed = all_reduce is not None and num_processes > 1
+    if laplace_backend:
         with eigendecomposition_errors_raise():
             la.fit(loader, progress_bar=progress_bar)
     else:
-        fit_exact_ggn(la, loader, progress_bar=progress_bar)
+        # The all-reduce eigendecomposes the summed Kronecker factors: no need to decompose the local ones first.
+        fit_per_sample(la, loader, progress_bar=progress_bar, decompose=not distributed)
     la.model.train(was_training)
-    if all_reduce is not None and num_processes > 1:
+    if distributed:
         _all_reduce_curvature(la, all_reduce)
     return la
 
@@ -272,13 +299,17 @@ def pair_differences(rewards: torch.Tensor, jacobians: torch.Tensor) -> tuple[to
     return rewards[0::2] - rewards[1::2], jacobians[0::2] - jacobians[1::2]
 
 
-def fit_exact_ggn(la: DiagLaplace | FullLaplace, loader: DataLoader, progress_bar: bool = False) -> None:
-    """The exact diagonal or dense GGN of the Bradley-Terry likelihood, at a cost linear in the batch.
+def fit_per_sample(
+    la: ParametricLaplace, loader: DataLoader, progress_bar: bool = False, decompose: bool = True
+) -> None:
+    """The Bradley-Terry GGN curvature from per-sample layer gradients, one forward and one backward per batch.
 
     For the 2-class softmax over [r(chosen), r(rejected)], the Hessian of the loss in the logits is p(1-p) [[1, -1],
-    [-1, 1]] with p = sigmoid(r_c - r_r), so the GGN of a pair is p(1-p) g g^T with g = grad [r(chosen) - r(rejected)].
-    Fills the same fields as laplace-torch's `fit` (`H`, `loss`, `n_data`, `mean`), so its posterior algebra
-    (`functional_variance`, `log_marginal_likelihood`, `optimize_prior_precision`) applies unchanged.
+    [-1, 1]] with p = sigmoid(r_c - r_r). "diag" and "full" get the exact GGN, sum_pairs p(1-p) g g^T with
+    g = grad [r(chosen) - r(rejected)]; "kron" gets laplace-torch's own K-FAC of it (`per_sample.KronCurvature` says
+    which). Fills the same fields as laplace-torch's `fit` (`H`, `H_facs`, `loss`, `n_data`, `mean`), so its posterior
+    algebra (`functional_variance`, `log_marginal_likelihood`, `optimize_prior_precision`) applies unchanged.
+    With `decompose=False`, kron leaves `H` as the summed factors (`H_facs`) for the caller to reduce and decompose.
     """
     la.model.eval()
     la._init_H()
@@ -287,17 +318,29 @@ def fit_exact_ggn(la: DiagLaplace | FullLaplace, loader: DataLoader, progress_ba
     la.n_outputs = 2
     la.model.output_size = 2
     model = la.model.model
+    layers = laplace_layers(model, la.params)
+    n_data = len(loader.dataset)
+    if isinstance(la, KronLaplace):
+        # laplace-torch hands `asdl_fisher_kwargs` to curvlinops, whose default is "expand".
+        kfac_approx = la._asdl_fisher_kwargs.get("kfac_approx", "expand")
+        curvature: KronCurvature | ExactGGN = KronCurvature(la, kfac_approx, n_data)
+    elif isinstance(la, (DiagLaplace, FullLaplace)):
+        curvature = ExactGGN(la)
+    else:
+        raise NotImplementedError(f"No per-sample fit for {type(la).__name__}: use kron, diag or full.")
     for batch in tqdm(loader, desc="[Computing Hessian]", disable=not progress_bar):
         input_ids, attention_mask = batch["input_ids"].flatten(0, 1), batch["attention_mask"].flatten(0, 1)
-        diff, g = pair_differences(*reward_jacobians(model, la.params, input_ids, attention_mask))  # (B,), (B, P)
-        weight = torch.sigmoid(diff) * torch.sigmoid(-diff)  # p (1 - p)
-        la.loss = la.loss + torch.nn.functional.softplus(-diff).sum()  # cross-entropy with target "chosen"
-        if isinstance(la, FullLaplace):
-            la.H += g.T @ (weight[:, None] * g)
-        else:
-            la.H += weight @ g.square()
-    la.n_data = len(loader.dataset)
-    if isinstance(la, FullLaplace):
+        rewards = forward_backward(model, layers, input_ids, attention_mask, curvature, bradley_terry_weights)
+        la.loss = la.loss + torch.nn.functional.softplus(-pair_difference(rewards)).sum()  # cross-entropy, "chosen"
+        if isinstance(curvature, ExactGGN):
+            la.H += curvature.batch_curvature(la._device, la._dtype)
+    la.n_data = n_data
+    if isinstance(curvature, KronCurvature):
+        la.H_facs = la.H = Kron(curvature.kfacs(la.params))
+        if decompose:
+            with eigendecomposition_errors_raise():
+                la.H = la.H_facs.decompose(damping=la.damping)
+    elif isinstance(la, FullLaplace):
         la._posterior_scale = None
 
 

@@ -10,6 +10,7 @@ arXiv 2310.02743): `wco` = min over members, `uwo` = mean - k * (population vari
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable, Sequence
 from enum import Enum
@@ -32,7 +33,9 @@ from .laplace_lora import (
     pair_differences,
     reward_jacobians,
     select_laplace_parameters,
+    without_input_require_grads_hooks,
 )
+from .per_sample import LaplaceLayer, glm_predictive, laplace_layers
 
 POSTERIOR_WEIGHTS_NAME = "laplace_posterior.safetensors"
 POSTERIOR_CONFIG_NAME = "laplace_config.json"
@@ -101,12 +104,14 @@ def save_base_model(model: PeftModel, directory: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """The model in eval mode (no dropout) inside the block, its previous mode restored after, even on error."""
+def scoring_mode(model: torch.nn.Module):
+    """Inside the block: the model in eval mode (no dropout) and without the input embeddings' require-grads hooks (no
+    backward below the first Laplace layer); both restored after, even on error."""
     was_training = model.training
     model.eval()
     try:
-        yield
+        with without_input_require_grads_hooks(model):
+            yield
     finally:
         model.train(was_training)
 
@@ -115,7 +120,10 @@ class BayesianRewardModel:
     """A LoRA reward model with a Laplace posterior over its adapter: every reward is N(mean, var).
 
     `mean` is the MAP reward, `var` the linearized (GLM) predictive variance J Σ J^T, with J the gradient of the reward
-    with respect to the Laplace weights and Σ the posterior covariance.
+    with respect to the Laplace weights and Σ the posterior covariance. Each batch takes one forward and one backward:
+    the per-sample gradients of the LoRA layers are projected onto Σ layer by layer as the backward reaches them
+    (`per_sample.glm_predictive`). `laplace_backend=True` on the predict methods gives the reference path instead: one
+    forward and backward per response, then laplace-torch's `functional_variance`.
 
     Args:
         model ([`~peft.PeftModel`]): the reward model (sequence classification, one label).
@@ -148,6 +156,25 @@ class BayesianRewardModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @functools.cached_property
+    def layers(self) -> list[LaplaceLayer]:
+        """The linear layers that carry the Laplace weights (found once, on the first fast prediction)."""
+        return laplace_layers(self.model, self.params)
+
+    def _predict_batch(
+        self, token_ids: Sequence[list[int]], pairs: bool, laplace_backend: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, var) of one batch of responses, or of the differences of interleaved pairs."""
+        input_ids, attention_mask = pad_right(token_ids, self.tokenizer.pad_token_id)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        if not laplace_backend:
+            mean, var = glm_predictive(self.laplace, self.model, self.layers, input_ids, attention_mask, pairs)
+            return mean.cpu(), var.detach().cpu()
+        rewards, jac = reward_jacobians(self.model, self.params, input_ids, attention_mask)
+        if pairs:
+            rewards, jac = pair_differences(rewards, jac)
+        return rewards.detach().cpu(), glm_variance(self.laplace, jac).detach().cpu()
+
     # -- prediction ----------------------------------------------------------------------------------------------
     def predict(
         self,
@@ -156,14 +183,17 @@ class BayesianRewardModel:
         batch_size: int = 16,
         return_var: bool = True,
         progress_bar: bool = False,
+        laplace_backend: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gaussian rewards of `completions` to `prompts`.
 
         Args:
             prompts, completions: strings, or lists of chat messages (conversational), one each per response.
-            batch_size: responses per forward pass (MAP only; the variance goes one response at a time).
-            return_var: `False` skips the Jacobians and returns `(mean, None)` (the MAP reward only).
+            batch_size: responses per forward (and backward) pass; memory grows linearly with it.
+            return_var: `False` skips the backward and returns `(mean, None)` (the MAP reward only).
             progress_bar: show a tqdm bar over batches (for long scoring jobs).
+            laplace_backend: compute the variance on the reference path (per-response Jacobians, laplace-torch's
+                `functional_variance`); slower, same result.
 
         Returns:
             `mean` and `var`, float tensors of shape `(B,)` on the CPU.
@@ -173,7 +203,13 @@ class BayesianRewardModel:
                 f"Got {len(prompts)} prompts but {len(completions)} completions: pass one prompt per completion."
             )
         ids = [tokenize_response(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
-        return self.predict_ids(ids, batch_size=batch_size, return_var=return_var, progress_bar=progress_bar)
+        return self.predict_ids(
+            ids,
+            batch_size=batch_size,
+            return_var=return_var,
+            progress_bar=progress_bar,
+            laplace_backend=laplace_backend,
+        )
 
     def predict_ids(
         self,
@@ -181,26 +217,27 @@ class BayesianRewardModel:
         batch_size: int = 16,
         return_var: bool = True,
         progress_bar: bool = False,
+        laplace_backend: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Like `predict`, from token ids already tokenized with `tokenize_response`."""
         if len(token_ids) == 0:
             empty = torch.zeros(0)
             return empty, (empty if return_var else None)
         means, variances = [], []
-        with eval_mode(self.model):
+        with scoring_mode(self.model):
             starts = range(0, len(token_ids), batch_size)
             for start in tqdm(starts, desc="Scoring (mean, var)", disable=not progress_bar):
-                input_ids, attention_mask = pad_right(
-                    token_ids[start : start + batch_size], self.tokenizer.pad_token_id
-                )
-                input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+                batch = token_ids[start : start + batch_size]
                 if return_var:
-                    rewards, jac = reward_jacobians(self.model, self.params, input_ids, attention_mask)
-                    variances.append(glm_variance(self.laplace, jac).detach().cpu())
+                    mean, var = self._predict_batch(batch, pairs=False, laplace_backend=laplace_backend)
+                    variances.append(var)
                 else:
+                    input_ids, attention_mask = (
+                        t.to(self.device) for t in pad_right(batch, self.tokenizer.pad_token_id)
+                    )
                     with torch.no_grad():
-                        rewards = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.reshape(-1)
-                means.append(rewards.detach().cpu())
+                        mean = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.reshape(-1).cpu()
+                means.append(mean)
         return torch.cat(means), (torch.cat(variances) if return_var else None)
 
     def predict_pairs(
@@ -210,6 +247,7 @@ class BayesianRewardModel:
         rejected: Sequence[Any],
         batch_size: int = 16,
         progress_bar: bool = False,
+        laplace_backend: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gaussian reward differences r(chosen) - r(rejected) of preference pairs, with their exact covariance.
 
@@ -228,16 +266,11 @@ class BayesianRewardModel:
             for completion in (c, r)
         ]
         means, variances = [], []
-        with eval_mode(self.model):
+        with scoring_mode(self.model):
             for start in tqdm(range(0, len(ids), 2 * batch_size), desc="Scoring pairs", disable=not progress_bar):
-                input_ids, attention_mask = pad_right(ids[start : start + 2 * batch_size], self.tokenizer.pad_token_id)
-                diff, g = pair_differences(
-                    *reward_jacobians(
-                        self.model, self.params, input_ids.to(self.device), attention_mask.to(self.device)
-                    )
-                )
-                means.append(diff.detach().cpu())
-                variances.append(glm_variance(self.laplace, g).detach().cpu())
+                mean, var = self._predict_batch(ids[start : start + 2 * batch_size], True, laplace_backend)
+                means.append(mean)
+                variances.append(var)
         if not means:
             return torch.zeros(0), torch.zeros(0)
         return torch.cat(means), torch.cat(variances)

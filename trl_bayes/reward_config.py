@@ -48,6 +48,10 @@ class BayesianRewardConfig(RewardConfig):
 
         > Parameters that control the fit
 
+        laplace_backend (`bool`, *optional*, defaults to `False`):
+            Fit the curvature with laplace-torch's own `fit` (the reference) instead of per-sample gradients from one
+            forward and one backward per batch. Same posterior, slower (kron: an extra forward and backward per
+            batch; diag/full: time and memory quadratic in `posterior_batch_size`).
         posterior_batch_size (`int`, *optional*, defaults to `8`):
             Pairs per curvature batch. Under several processes the batches are dealt round-robin, so this must leave
             at least one batch per process. Memory grows linearly with it.
@@ -95,6 +99,10 @@ class BayesianRewardConfig(RewardConfig):
         metadata={"help": "Fraction of training pairs held out for 'gridsearch' when no eval_dataset is given."},
     )
     posterior_batch_size: int = field(default=8, metadata={"help": "Pairs per curvature batch in the posterior fit."})
+    laplace_backend: bool = field(
+        default=False,
+        metadata={"help": "Fit with laplace-torch's own fit (the reference path) instead of per-sample gradients."},
+    )
     fit_posterior_after_train: bool = field(
         default=True, metadata={"help": "Whether train() fits the posterior right after MAP training."}
     )

@@ -23,6 +23,7 @@ from .laplace_lora import (
     select_laplace_parameters,
     split_validation_pairs,
 )
+from .per_sample import batch_jacobians, laplace_layers
 from .reward import FORMAT_VERSION, BayesianRewardModel, save_base_model
 from .reward_config import BayesianRewardConfig
 
@@ -172,6 +173,7 @@ class BayesianRewardTrainer(RewardTrainer):
                 all_reduce,
                 progress_bar=acc.is_local_main_process and not args.disable_tqdm,
                 device=acc.device,
+                laplace_backend=args.laplace_backend,
             )
             if args.optimize_prior_precision == PriorPrecisionMethod.MARGLIK:
                 optimize_prior_precision_marglik(la, args.prior_precision, args.prior_precision_steps)
@@ -179,11 +181,17 @@ class BayesianRewardTrainer(RewardTrainer):
                 model.eval()
                 mine = val_pairs[acc.process_index :: acc.num_processes]
                 grid = torch.tensor(args.prior_precision_grid, dtype=torch.float64)
+
+                def jacobian_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                    input_ids, attention_mask = (batch[k].to(acc.device) for k in ("input_ids", "attention_mask"))
+                    if args.laplace_backend:
+                        return reward_jacobians(model, la.params, input_ids, attention_mask)
+                    layers = laplace_layers(model, la.params)
+                    return batch_jacobians(model, la.params, layers, input_ids, attention_mask)
+
                 optimize_prior_precision_gridsearch(
                     la,
-                    lambda b: reward_jacobians(
-                        model, la.params, b["input_ids"].to(acc.device), b["attention_mask"].to(acc.device)
-                    ),
+                    jacobian_fn,
                     mine,
                     pad_token_id,
                     args.posterior_batch_size,

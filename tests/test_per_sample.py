@@ -1,0 +1,131 @@
+"""The per-sample gradient path (the default fit and predictive) against laplace-torch's own path, in float64.
+
+References, each computed independently of `trl_bayes.per_sample`:
+- the fit: laplace-torch's `la.fit` (curvlinops K-FAC for kron, its GGN for diag and full) on the same batches;
+- the predictive: laplace-torch's stock `la(x, pred_type="glm")` (torch.func Jacobians of the padded batch) and the
+  reference path of `predict` (one unpadded autograd call per response, then laplace-torch's `functional_variance`);
+- kron: the dense precision kron(G, A) + delta I per block, assembled from the fitted factors, solved directly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from trl_bayes.laplace_lora import (
+    RewardPairModel,
+    fit_laplace,
+    make_laplace,
+    pop_input_require_grads_hooks,
+    select_laplace_parameters,
+)
+from trl_bayes.per_sample import laplace_layers
+from trl_bayes.reward import BayesianRewardModel, pad_right, tokenize_response
+
+from .conftest import lora_config, make_trainer
+
+# Two layers, so that the LoRA factors of an inner layer are differentiated through a whole layer above them.
+TINY = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2)
+PROMPTS = ["please list fruits : ", "name a few tools : ", "give me some colors : ", "name a few animals : "]
+COMPLETIONS = ["apple pear fig", "saw", "red blue green red red blue and also", "cat"]  # lengths differ: padding
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer, tmp_path_factory):
+    """A float64 model with a rank-2 adapter + score head, its Laplace weights selected, and 10 training pairs."""
+    trainer = make_trainer(
+        tokenizer,
+        tmp_path_factory.mktemp("tiny"),
+        num_pairs=10,
+        dtype=torch.float64,
+        model_kwargs=TINY,
+        peft=lora_config(r=2),
+    )
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    select_laplace_parameters(model, "all")
+    pop_input_require_grads_hooks(model)
+    pairs = list(zip(trainer.train_dataset["chosen_ids"], trainer.train_dataset["rejected_ids"], strict=True))
+    return model, pairs
+
+
+def _fit(model, tokenizer, pairs, structure, kfac_approx="reduce", laplace_backend=False, prior_precision=0.5):
+    la = make_laplace(RewardPairModel(model), structure, prior_precision, kfac_approx)
+    # Batches of 4, 4 and 2 pairs: padding differs from batch to batch, and the last batch is smaller.
+    return fit_laplace(la, pairs, tokenizer.pad_token_id, batch_size=4, laplace_backend=laplace_backend)
+
+
+@pytest.mark.parametrize(
+    ("structure", "kfac_approx"), [("kron", "reduce"), ("kron", "expand"), ("diag", "reduce"), ("full", "reduce")]
+)
+def test_fit_equals_laplace_torch_fit(tiny, tokenizer, structure, kfac_approx):
+    model, pairs = tiny
+    ours = _fit(model, tokenizer, pairs, structure, kfac_approx)
+    reference = _fit(model, tokenizer, pairs, structure, kfac_approx, laplace_backend=True)
+    assert ours.n_data == reference.n_data == len(pairs)
+    if structure == "kron":
+        assert len(ours.H_facs.kfacs) == len(reference.H_facs.kfacs) == len(ours.params)
+        for block, expected_block in zip(ours.H_facs.kfacs, reference.H_facs.kfacs, strict=True):
+            for factor, expected in zip(block, expected_block, strict=True):
+                assert expected.abs().max() > 0  # every factor carries data: nothing is compared to zeros
+                torch.testing.assert_close(factor, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    else:
+        torch.testing.assert_close(ours.H, reference.H, rtol=1e-5, atol=1e-5 * reference.H.abs().max().item())
+    torch.testing.assert_close(torch.as_tensor(ours.loss), torch.as_tensor(reference.loss), rtol=1e-10, atol=0)
+    torch.testing.assert_close(ours.log_marginal_likelihood(), reference.log_marginal_likelihood(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_predictive_equals_laplace_torch_predictive(tiny, tokenizer, structure):
+    model, pairs = tiny
+    la = _fit(model, tokenizer, pairs, structure)
+    posterior = BayesianRewardModel(model, tokenizer, la, {"hessian_structure": structure})
+    ids = [tokenize_response(tokenizer, p, c) for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
+    mean, var = posterior.predict_ids(ids, batch_size=3)  # batches of 3 and 1
+    assert var.dtype == torch.float64 and (var > 0).all()
+
+    # laplace-torch's stock GLM predictive on the padded batch.
+    input_ids, attention_mask = pad_right(ids, tokenizer.pad_token_id)
+    model.eval()
+    f_mu, f_var = la({"input_ids": input_ids, "attention_mask": attention_mask}, pred_type="glm")
+    torch.testing.assert_close(mean, f_mu.reshape(-1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(var, f_var.reshape(-1), rtol=1e-5, atol=0)
+
+    # The reference path of predict: unpadded per-response Jacobians, laplace-torch's functional_variance.
+    ref_mean, ref_var = posterior.predict_ids(ids, batch_size=3, laplace_backend=True)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(var, ref_var, rtol=1e-5, atol=0)
+
+    # Pairs: the variance of the difference, covariance of chosen and rejected included.
+    diff_mean, diff_var = posterior.predict_pairs(PROMPTS[:3], COMPLETIONS[:3], COMPLETIONS[1:], batch_size=2)
+    ref_diff_mean, ref_diff_var = posterior.predict_pairs(
+        PROMPTS[:3], COMPLETIONS[:3], COMPLETIONS[1:], batch_size=2, laplace_backend=True
+    )
+    torch.testing.assert_close(diff_mean, ref_diff_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(diff_var, ref_diff_var, rtol=1e-5, atol=0)
+    assert not torch.allclose(diff_var, var[:3] + var[1:], rtol=1e-3)  # the covariance term is not zero
+
+
+def test_kron_variance_equals_dense_kronecker_precision(tiny, tokenizer):
+    """var = J P^-1 J^T with P = blockdiag(kron(G_l, A_l) + delta I), built densely from the fitted factors."""
+    model, pairs = tiny
+    delta = 0.5
+    la = _fit(model, tokenizer, pairs, "kron")
+    blocks = [torch.kron(*block) if len(block) == 2 else block[0] for block in la.H_facs.kfacs]
+    precision = torch.block_diag(*blocks) + delta * torch.eye(la.n_params, dtype=torch.float64)
+    posterior = BayesianRewardModel(model, tokenizer, la, {"hessian_structure": "kron"})
+    ids = [tokenize_response(tokenizer, p, c) for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
+    _, var = posterior.predict_ids(ids, batch_size=4)
+    for i, response in enumerate(ids):
+        reward = model(input_ids=torch.tensor([response])).logits.reshape(())
+        jac = torch.cat([g.flatten() for g in torch.autograd.grad(reward, posterior.params)])
+        torch.testing.assert_close(var[i], jac @ torch.linalg.solve(precision, jac), rtol=1e-8, atol=0)
+
+
+def test_laplace_layers_refuses_weights_outside_linear_layers():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 1, bias=False))
+    params = [model[0].weight, model[0].bias, model[2].weight]
+    layers = laplace_layers(model, params)
+    assert [(layer.weight_index, layer.bias_index) for layer in layers] == [(0, 1), (2, None)]
+    with pytest.raises(ValueError, match="nn.Linear layers only"):
+        laplace_layers(model, [*params, model[1].weight])
