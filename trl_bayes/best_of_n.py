@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections.abc import Callable, Sequence
@@ -38,7 +39,17 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .reward import eval_mode
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode (no dropout) inside the block, its previous mode restored after, even on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The unbiased Best-of-n estimator: pure functions over (P, N) = (prompts, samples) arrays.
