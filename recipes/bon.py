@@ -42,6 +42,14 @@ DEFAULT_CONFIG = RECIPE_DIR / "configs" / "bon.yaml"
 METHODS = ("MAP", "LA", "Ens", "Ens-WCO", "Ens-UWO", "LA-Ens")
 LAPLACE_PENALTIES = ("std", "var")
 ENSEMBLE_METHODS = ("Ens", "Ens-WCO", "Ens-UWO", "LA-Ens")
+# Summary stage name -> its cache folders (for the time their results took to compute).
+STAGE_CACHES = {
+    "world + SFT policy": ["world/seconds.json"],
+    "preference pairs": ["pairs/seconds.json"],
+    "proxies (MAP + Laplace fit)": ["proxies/*/seconds.json"],
+    "Best-of-N samples": ["samples/seconds.json"],
+    "scores (gold + proxies)": ["scores/*/seconds.json"],
+}
 CSV_COLUMNS = ["method", "penalty", "k", "seed", "n", "kl", "proxy_reward", "gold_reward"]
 
 
@@ -186,6 +194,7 @@ class Stage:
     def __init__(self, cache: Path, name: str, key: dict[str, Any]):
         self.path = cache / name
         self.key = json.loads(json.dumps(key, default=str))
+        self.created = time.perf_counter()  # the work of a stage follows its creation
 
     @property
     def done(self) -> bool:
@@ -207,6 +216,8 @@ class Stage:
         return self.path
 
     def finish(self) -> None:
+        # Beside done.json, not in it: the key must compare equal across runs, the time never does.
+        (self.path / "seconds.json").write_text(json.dumps(time.perf_counter() - self.created) + "\n")
         (self.path / "done.json").write_text(json.dumps(self.key, indent=2) + "\n")
 
 
@@ -721,12 +732,16 @@ def plot_curves(path: Path, rows: list[dict[str, Any]], args) -> None:
         style = "--" if penalty == "var" else "-"
         for ax, column in zip(axes, ("proxy_reward", "gold_reward"), strict=True):
             values = np.array([[r[column] for r in mine if r["seed"] == s] for s in args.seeds])
+            if column == "proxy_reward":
+                # A Bradley-Terry reward has an arbitrary offset per model: plot each seed's gain over n = 1.
+                values = values - values[:, :1]
             mean, std = values.mean(0), values.std(0)
             (line,) = ax.plot(kl, mean, style, marker=".", label=curve_label(method, penalty, k))
             ax.fill_between(kl, mean - std, mean + std, color=line.get_color(), alpha=0.12)
-    for ax, title in zip(axes, ("proxy reward (method's own, unpenalized)", "gold reward"), strict=True):
+    titles = ("proxy reward gain over n = 1 (method's own reward, unpenalized)", "gold reward")
+    for ax, title in zip(axes, titles, strict=True):
         ax.set_xlabel("KL(best-of-n || policy) = log n - (n-1)/n  [nats]")
-        ax.set_title(f"{title}; mean ± std over seeds {args.seeds}")
+        ax.set_title(f"{title}\nmean ± std over seeds {args.seeds}", fontsize=10)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8, loc="best")
     fig.suptitle(
@@ -787,7 +802,7 @@ def fmt(values) -> str:
     return f"{values.mean():.3f} ± {values.std():.3f}"
 
 
-def write_summary(path: Path, args, table, pair_rows, along_n, seconds, sources) -> None:
+def write_summary(path: Path, args, table, pair_rows, along_n, seconds, computed_seconds, sources) -> None:
     import numpy as np
 
     lines = [
@@ -827,8 +842,13 @@ def write_summary(path: Path, args, table, pair_rows, along_n, seconds, sources)
         mine = [r for r in along_n if r["n"] == n]
         cells = " | ".join(f"{r['corr_std_error']:+.3f}" for r in mine)
         lines.append(f"| {n} | {cells} | {np.mean([r['mean_error'] for r in mine]):+.3f} |")
-    lines += ["", "## Time per stage (s)", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {stage} | {value:.1f} |" for stage, value in seconds.items()]
+    lines += ["", "## Time per stage (s)", "",
+              "`this run`: wall time here (a cached stage only loads); `computed`: the time its cached results took",
+              "when they were computed (`cache/*/seconds.json`).", "",
+              "| stage | this run | computed |", "|---|---|---|"]  # fmt: skip
+    for stage, value in seconds.items():
+        computed = computed_seconds.get(stage)
+        lines.append(f"| {stage} | {value:.1f} | {'' if computed is None else f'{computed:.1f}'} |")
     lines += ["", "Files: `bon_results.csv`, `bon_curves.png`, `bon_diagnostics.csv`, `bon_diagnostics.png`, "
               "`pair_metrics.csv`, cached stages in `cache/`."]  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
@@ -856,9 +876,13 @@ def describe_plan(args, training_args, model_args) -> list[str]:
 
 
 def main(args: BoNScriptArguments, training_args, model_args) -> None:
-    import numpy as np
+    import datasets
+    import transformers
     from accelerate import Accelerator, InitProcessGroupKwargs
 
+    # One progress bar per stage is what a user wants to see, not a load report for each of a dozen proxies.
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
     normalize_lora_targets(model_args)
     plan = describe_plan(args, training_args, model_args)
     output_dir = check_output_dir(training_args.output_dir)
@@ -912,11 +936,14 @@ def main(args: BoNScriptArguments, training_args, model_args) -> None:
             "proxy": f"{model_args.model_name_or_path or 'SFT backbone'} + LoRA r={model_args.lora_r}, "
             f"{training_args.hessian_structure} Laplace",
         }
-        write_summary(output_dir / "summary.md", args, table, pair_rows, along_n, seconds, sources)
+        computed = {}
+        for stage, patterns in STAGE_CACHES.items():
+            files = [f for pattern in patterns for f in cache.glob(pattern)]
+            computed[stage] = sum(json.loads(f.read_text()) for f in files) if files else None
+        write_summary(output_dir / "summary.md", args, table, pair_rows, along_n, seconds, computed, sources)
         (output_dir / "config.json").write_text(json.dumps({"script": asdict(args)}, indent=2, default=str) + "\n")
         print((output_dir / "summary.md").read_text())
         print(f"Results in {output_dir}: bon_results.csv, bon_curves.png, summary.md, diagnostics.")
-        del np
     accelerator.wait_for_everyone()
 
 
