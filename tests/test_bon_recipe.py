@@ -66,7 +66,7 @@ def _main_in_process(*flags: str) -> None:
         import bon
     finally:
         sys.path.remove(str(RECIPE.parent))
-    bon.main(*bon.make_parser().parse_args_and_config(bon.with_default_config(list(flags))))
+    bon.main(*bon.make_parser().parse_args_and_config(bon.with_default_config(list(flags), bon.DEFAULT_CONFIG)))
 
 
 @pytest.mark.parametrize(

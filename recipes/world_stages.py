@@ -1,0 +1,456 @@
+"""The offline alignment world as cached recipe stages, shared by recipes/bon.py, ppo.py and grpo.py: one world.
+
+Stages (each a folder under `<output_dir>/cache/`, done when its `done.json` holds the settings it was made with, so
+a rerun or a killed run resumes): the world (instructions + SFT policy), preference pairs sampled from the policy and
+labelled by the gold reward, and the proxies (LoRA reward models with their Laplace posteriors). With a Hub policy
+(`policy_name_or_path`) the same stages load instructions from a dataset and the gold from a reward model instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class WorldArguments:
+    """The world, its preference data and its proxies: the arguments every recipe on the offline world shares.
+
+    Parameters that control the world:
+        policy_name_or_path (`str` or `None`): the SFT policy (Hub id or folder); unset = the offline world's tiny
+            GPT-NeoX, trained here on generated demonstrations.
+        prompts_dataset_name, prompts_dataset_config, prompts_split: where the instructions come from with a Hub
+            policy; unset = the offline world's instructions.
+        prompt_template (`str`): a Python format string over the dataset's columns that makes one prompt, e.g. the
+            Alpaca template "...### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n".
+        gold_reward (`str`): `world` (the offline world's known function) or a sequence-classification reward model
+            (Hub id or folder), the oracle.
+        world_seed, num_demonstrations, sft_*: the offline world (see `trl_bayes.synthetic.WorldConfig`).
+
+    Parameters that control the preference data and proxies:
+        num_train_pairs, label_noise, num_eval_pairs: pairs sampled from the policy on training (held-out) prompts.
+        seeds (`list[int]`): independent repetitions; each trains `ensemble_size` proxies.
+        ensemble_size (`int`): members per ensemble (Ens, LA-Ens); member 0 is the seed's MAP / LA model.
+
+    Parameters that control the held-out prompts and the policy's sampling:
+        num_eval_prompts, num_train_prompts, max_new_tokens, temperature, top_k, top_p.
+    """
+
+    # world
+    policy_name_or_path: str | None = field(default=None, metadata={"help": "SFT policy; unset = offline world."})
+    prompts_dataset_name: str | None = field(default=None, metadata={"help": "Instructions dataset (Hub policy)."})
+    prompts_dataset_config: str | None = field(default=None, metadata={"help": "Its config name."})
+    prompts_split: str = field(default="train", metadata={"help": "Its split."})
+    prompt_template: str = field(default="{instruction}", metadata={"help": "Format string over its columns."})
+    gold_reward: str = field(default="world", metadata={"help": "'world' or a reward model (Hub id or folder)."})
+    world_seed: int = field(default=0, metadata={"help": "Offline world: seed of prompts and demonstrations."})
+    num_demonstrations: int = field(default=6000, metadata={"help": "Offline world: SFT demonstrations."})
+    sft_hidden_size: int = field(default=64, metadata={"help": "Offline world: SFT policy width."})
+    sft_num_hidden_layers: int = field(default=2, metadata={"help": "Offline world: SFT policy depth."})
+    sft_num_train_epochs: float = field(default=3.0, metadata={"help": "Offline world: SFT epochs."})
+    sft_learning_rate: float = field(default=3e-3, metadata={"help": "Offline world: SFT learning rate."})
+    # preference data and proxies
+    num_train_pairs: int = field(default=1000, metadata={"help": "Preference pairs to train each proxy on."})
+    label_noise: float = field(default=0.25, metadata={"help": "Fraction of training labels flipped."})
+    num_eval_pairs: int = field(default=512, metadata={"help": "Noiseless held-out pairs for the diagnostics."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Independent repetitions."})
+    ensemble_size: int = field(default=4, metadata={"help": "Members per ensemble (>= 2)."})
+    # held-out prompts and sampling
+    num_eval_prompts: int = field(default=64, metadata={"help": "P: held-out prompts."})
+    num_train_prompts: int | None = field(default=None, metadata={"help": "Hub prompts for pairs (None = rest)."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Completion length limit."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1 = off)."})
+
+    def __post_init__(self):
+        if self.num_eval_prompts < 1:
+            raise ValueError("--num_eval_prompts must be >= 1.")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds {self.seeds}: give one or more distinct seeds.")
+        if not self.gold_reward:
+            raise ValueError("--gold_reward is empty: pass 'world' (offline world) or a reward model id/folder.")
+        if self.gold_reward == "world" and self.policy_name_or_path is not None:
+            raise ValueError(
+                "--gold_reward world scores the offline world's instructions only, but --policy_name_or_path is set: "
+                "pass a gold reward model (e.g. --gold_reward path/to/gold-rm) or unset the policy."
+            )
+        if self.policy_name_or_path is not None and self.prompts_dataset_name is None:
+            raise ValueError("--policy_name_or_path is set: also pass --prompts_dataset_name (the instructions).")
+        if not 0.0 <= self.label_noise < 0.5:
+            raise ValueError(f"--label_noise {self.label_noise}: must be in [0, 0.5).")
+
+    def missing_local_paths(self) -> list[str]:
+        """The model/data arguments that name a local path (not a Hub id) that does not exist."""
+        missing = []
+        for name in ("gold_reward", "policy_name_or_path", "prompts_dataset_name"):
+            value = getattr(self, name)
+            # Hub ids are `name` or `org/name`: anything else is a local path, and a mistyped one would otherwise get
+            # a confusing network error from the Hub, after the world was built.
+            if value and value != "world" and (value.startswith((".", "/", "~")) or value.count("/") > 1):
+                if not Path(value).expanduser().exists():
+                    missing.append(f"--{name} {value}")
+        return missing
+
+    @property
+    def offline(self) -> bool:
+        return self.policy_name_or_path is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Caching: one folder per stage; a stage is done when its `done.json` holds the stage's key (the settings it used).
+
+
+class Stage:
+    """A cached stage under `<cache>/<name>`: `done` when finished with the same `key`; `finish()` marks it."""
+
+    def __init__(self, cache: Path, name: str, key: dict[str, Any]):
+        self.path = cache / name
+        self.key = json.loads(json.dumps(key, default=str))
+        self.created = time.perf_counter()  # the work of a stage follows its creation
+
+    @property
+    def done(self) -> bool:
+        marker = self.path / "done.json"
+        return marker.is_file() and json.loads(marker.read_text()) == self.key
+
+    @property
+    def partial(self) -> bool:
+        """Started with the same key but not finished (its finished parts can be kept)."""
+        marker = self.path / "started.json"
+        return marker.is_file() and json.loads(marker.read_text()) == self.key
+
+    def start(self) -> Path:
+        """An empty folder for the stage (a stale or half-written one is removed)."""
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        (self.path / "started.json").write_text(json.dumps(self.key, indent=2) + "\n")
+        return self.path
+
+    def finish(self) -> None:
+        # Beside done.json, not in it: the key must compare equal across runs, the time never does.
+        (self.path / "seconds.json").write_text(json.dumps(time.perf_counter() - self.created) + "\n")
+        (self.path / "done.json").write_text(json.dumps(self.key, indent=2) + "\n")
+
+
+def check_output_dir(output_dir: str) -> Path:
+    """Create `output_dir` and prove it writable before any long work."""
+    path = Path(output_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise OSError(f"Cannot write to output_dir {str(path)!r} ({error}): pass another --output_dir.") from error
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gold reward
+
+
+class SequenceClassifierReward:
+    """A TRL reward function from a sequence-classification reward model with its own tokenizer (e.g. a gold RM)."""
+
+    def __init__(self, name_or_path: str, device, batch_size: int = 32):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.__name__ = Path(name_or_path).name
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1)
+        self.model.to(device).eval()
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.batch_size = batch_size
+        self.torch = torch
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        scores: list[float] = []
+        device = next(self.model.parameters()).device
+        for i in range(0, len(prompts), self.batch_size):
+            texts = [
+                p + c
+                for p, c in zip(prompts[i : i + self.batch_size], completions[i : i + self.batch_size], strict=True)
+            ]
+            batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(device)
+            with self.torch.no_grad():
+                scores.extend(self.model(**batch).logits[:, 0].float().tolist())
+        return scores
+
+
+def load_gold_reward(script_args: WorldArguments, device):
+    if script_args.gold_reward == "world":
+        from trl_bayes.synthetic import gold_reward
+
+        return gold_reward
+    return SequenceClassifierReward(script_args.gold_reward, device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def world_settings(args: WorldArguments) -> dict[str, Any]:
+    if args.offline:
+        return {
+            "world_seed": args.world_seed,
+            "num_eval_prompts": args.num_eval_prompts,
+            "num_demonstrations": args.num_demonstrations,
+            "sft": [
+                args.sft_hidden_size,
+                args.sft_num_hidden_layers,
+                args.sft_num_train_epochs,
+                args.sft_learning_rate,
+            ],
+        }
+    return {
+        "policy": args.policy_name_or_path,
+        "prompts": [args.prompts_dataset_name, args.prompts_dataset_config, args.prompts_split, args.prompt_template],
+        "num_eval_prompts": args.num_eval_prompts,
+        "num_train_prompts": args.num_train_prompts,
+        "seed": args.world_seed,
+    }
+
+
+def build_world(args: WorldArguments, cache: Path, state) -> tuple[list[str], list[str], str]:
+    """(training prompts, held-out prompts, policy path); trains and caches the offline SFT policy."""
+    stage = Stage(cache, "world", world_settings(args))
+    if not stage.done:
+        if state.is_main_process:
+            path = stage.start()
+            if args.offline:
+                from trl_bayes.synthetic import (
+                    WorldConfig,
+                    build_tokenizer,
+                    make_demonstrations,
+                    split_prompts,
+                    train_sft_policy,
+                )
+
+                world = WorldConfig(
+                    seed=args.world_seed,
+                    num_eval_prompts=args.num_eval_prompts,
+                    num_demonstrations=args.num_demonstrations,
+                )
+                train_prompts, eval_prompts = split_prompts(world)
+                tokenizer = build_tokenizer()
+                demonstrations = make_demonstrations(train_prompts, world)
+                demonstrations.to_json(path / "demonstrations.jsonl")
+                state.print(f"[world] training the SFT policy on {len(demonstrations)} demonstrations")
+                train_sft_policy(
+                    demonstrations,
+                    tokenizer,
+                    str(path / "sft_policy"),
+                    hidden_size=args.sft_hidden_size,
+                    num_hidden_layers=args.sft_num_hidden_layers,
+                    num_train_epochs=args.sft_num_train_epochs,
+                    learning_rate=args.sft_learning_rate,
+                    seed=args.world_seed,
+                    disable_tqdm=True,
+                    logging_strategy="no",
+                )
+                tokenizer.save_pretrained(path / "sft_policy")
+            else:
+                from datasets import load_dataset
+
+                source = Path(args.prompts_dataset_name).expanduser()
+                if source.is_file():  # a local json/jsonl/csv/parquet file of instructions
+                    loader = {".jsonl": "json"}.get(source.suffix, source.suffix.lstrip("."))
+                    data = load_dataset(loader, data_files=str(source), split="train")
+                else:
+                    data = load_dataset(
+                        args.prompts_dataset_name, args.prompts_dataset_config, split=args.prompts_split
+                    )
+                try:
+                    formatted = [args.prompt_template.format(**row) for row in data.shuffle(seed=args.world_seed)]
+                except KeyError as error:
+                    raise ValueError(
+                        f"--prompt_template names the column {error} that {args.prompts_dataset_name} lacks (it has "
+                        f"{data.column_names})."
+                    ) from error
+                prompts = list(dict.fromkeys(formatted))
+                if len(prompts) <= args.num_eval_prompts:
+                    raise ValueError(f"{len(prompts)} distinct prompts: fewer than --num_eval_prompts + 1.")
+                eval_prompts, train_prompts = prompts[: args.num_eval_prompts], prompts[args.num_eval_prompts :]
+                if args.num_train_prompts is not None:
+                    train_prompts = train_prompts[: args.num_train_prompts]
+            (path / "prompts.json").write_text(json.dumps({"train": train_prompts, "eval": eval_prompts}, indent=1))
+            stage.finish()
+        state.wait_for_everyone()
+    prompts = json.loads((stage.path / "prompts.json").read_text())
+    policy = str(stage.path / "sft_policy") if args.offline else args.policy_name_or_path
+    return prompts["train"], prompts["eval"], policy
+
+
+def load_policy(policy_path: str, device):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype).to(device).eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # generation masks padding: any token works
+    return policy, tokenizer
+
+
+def generation_config(args: WorldArguments):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+    )
+
+
+def sample_pairs(args, train_prompts, eval_prompts, policy_path, gold, cache, accelerator):
+    """Preference pairs sampled from the policy and labelled by the gold: (train, held-out) datasets."""
+    import random
+
+    from datasets import Dataset, load_dataset
+
+    from trl_bayes import BestOfNSampler
+    from trl_bayes.synthetic import label_pairs
+
+    key = {"world": world_settings(args), "pairs": [args.num_train_pairs, args.label_noise, args.num_eval_pairs]}
+    key["generation"] = [args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.gold_reward]
+    stage = Stage(cache, "pairs", key)
+    if not stage.done:
+        policy, tokenizer = load_policy(policy_path, accelerator.device)
+        sampler = BestOfNSampler(
+            policy, tokenizer, n=2, generation_config=generation_config(args), prompt_batch_size=256,
+            seed=args.world_seed + 17, accelerator=accelerator,
+        )  # fmt: skip
+        rng = random.Random(args.world_seed + 5)
+        datasets = {}
+        for split, prompts, num, noise in (
+            ("train", train_prompts, args.num_train_pairs, args.label_noise),
+            ("eval", eval_prompts, args.num_eval_pairs, 0.0),
+        ):
+            # Ties (equal gold) carry no label: draw 50% more than needed and keep the first `num` untied pairs.
+            drawn = [rng.choice(prompts) for _ in range(math.ceil(1.5 * num) + 8)]
+            completions = sampler.generate(drawn)
+            pairs = label_pairs(drawn, [c[0] for c in completions], [c[1] for c in completions],
+                                seed=args.world_seed + 7, label_noise=noise, gold=gold)  # fmt: skip
+            if len(pairs) < num:
+                raise RuntimeError(f"Only {len(pairs)} untied {split} pairs out of {len(drawn)} draws (wanted {num}).")
+            datasets[split] = pairs.select(range(num))
+        if accelerator.is_main_process:
+            path = stage.start()
+            for split, data in datasets.items():
+                data.to_json(path / f"{split}.jsonl")
+            stage.finish()
+        accelerator.wait_for_everyone()
+        del policy
+    load = lambda split: load_dataset("json", data_files=str(stage.path / f"{split}.jsonl"), split="train")  # noqa: E731
+    train, held_out = load("train"), load("eval")
+    return Dataset.from_dict(train.to_dict()), Dataset.from_dict(held_out.to_dict())
+
+
+def proxy_key(args, training_args, model_args) -> dict[str, Any]:
+    keys = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "hessian_structure",
+            "subset_of_weights", "kfac_approx", "prior_precision", "optimize_prior_precision", "max_length")  # fmt: skip
+    return {
+        "world": world_settings(args),
+        "pairs": [args.num_train_pairs, args.label_noise],
+        "model": model_args.model_name_or_path,
+        "lora": [model_args.lora_r, model_args.lora_alpha, model_args.lora_target_modules],
+        **{k: str(getattr(training_args, k)) for k in keys},
+    }
+
+
+def train_proxy(member_dir: Path, seed: int, pairs, policy_path, args, training_args, model_args, state) -> None:
+    """One LoRA reward model (MAP) and its Laplace posterior, saved to `member_dir`."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+    from trl import get_peft_config
+
+    from trl_bayes import BayesianRewardTrainer
+
+    # Offline, the proxy starts from the SFT policy's backbone (as InstructGPT-style reward models do); otherwise from
+    # model_name_or_path (the paper: Pythia-70M). The score head is new, initialized from the member's seed.
+    base = model_args.model_name_or_path or policy_path
+    set_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, attn_implementation="eager")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    member_args = copy.deepcopy(training_args)
+    member_args.output_dir, member_args.seed, member_args.data_seed = str(member_dir), seed, seed
+    peft_config = get_peft_config(model_args)
+    trainer = BayesianRewardTrainer(
+        model=model, args=member_args, train_dataset=pairs, processing_class=tokenizer, peft_config=peft_config
+    )
+    trainer.train()
+    if trainer.posterior is None:
+        trainer.fit_posterior()
+    trainer.save_model(str(member_dir))
+    trainer.accelerator.wait_for_everyone()
+
+
+def normalize_lora_targets(model_args) -> None:
+    """Settle `lora_target_modules` once, before it goes into any cache key."""
+    targets = model_args.lora_target_modules
+    if targets is None:
+        model_args.lora_target_modules = ["query_key_value"]  # GPT-NeoX (Pythia) fuses q, k, v in one module
+    elif isinstance(targets, str) and targets != "all-linear":
+        # ModelConfig turns a one-name list into a string, which PEFT reads as a full-match regex (matching nothing).
+        model_args.lora_target_modules = [targets]
+
+
+def member_seed(base_seed: int, seed: int, member: int) -> int:
+    return base_seed + 1000 * seed + member
+
+
+def train_proxies(args, training_args, model_args, pairs, policy_path, cache, state) -> dict[tuple[int, int], Path]:
+    from tqdm.auto import tqdm
+
+    pairs = pairs.select_columns(["prompt", "chosen", "rejected"])
+    members = {(s, j): None for s in args.seeds for j in range(args.ensemble_size)}
+    for s, j in tqdm(members, desc="Proxies", disable=not state.is_main_process):
+        seed = member_seed(training_args.seed, s, j)
+        stage = Stage(
+            cache / "proxies", f"seed{s}-member{j}", {**proxy_key(args, training_args, model_args), "seed": seed}
+        )
+        if not stage.done:
+            if state.is_main_process:
+                stage.start()
+            state.wait_for_everyone()
+            train_proxy(stage.path, seed, pairs, policy_path, args, training_args, model_args, state)
+            if state.is_main_process:
+                stage.finish()
+            state.wait_for_everyone()
+        members[s, j] = stage.path
+    return members
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row[c] for c in columns})
+
+
+def with_default_config(argv: list[str], default_config: Path) -> list[str]:
+    """`argv` with `--config <default_config>` added when no config is given, so that a bare launch works."""
+    args: list[str] = []
+    for arg in argv:
+        args.extend(["--config", arg.split("=", 1)[1]] if arg.startswith("--config=") else [arg])
+    if "--config" not in args:
+        args = ["--config", str(default_config), *args]
+    return args
