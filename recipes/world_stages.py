@@ -224,73 +224,84 @@ def world_settings(args: WorldArguments) -> dict[str, Any]:
 
 
 def build_world(args: WorldArguments, cache: Path, state) -> tuple[list[str], list[str], str]:
-    """(training prompts, held-out prompts, policy path); trains and caches the offline SFT policy."""
+    """(training prompts, held-out prompts, policy path); trains and caches the offline SFT policy.
+
+    Every process takes part: the SFT policy trains data-parallel (a trainer on the main process alone would meet the
+    other processes' barriers with its own collectives), and the prompts are derived identically everywhere.
+    """
     stage = Stage(cache, "world", world_settings(args))
     if not stage.done:
         if state.is_main_process:
-            path = stage.start()
-            if args.offline:
-                from trl_bayes.synthetic import (
-                    WorldConfig,
-                    build_tokenizer,
-                    make_demonstrations,
-                    split_prompts,
-                    train_sft_policy,
-                )
-
-                world = WorldConfig(
-                    seed=args.world_seed,
-                    num_eval_prompts=args.num_eval_prompts,
-                    num_demonstrations=args.num_demonstrations,
-                )
-                train_prompts, eval_prompts = split_prompts(world)
-                tokenizer = build_tokenizer()
-                demonstrations = make_demonstrations(train_prompts, world)
-                demonstrations.to_json(path / "demonstrations.jsonl")
-                state.print(f"[world] training the SFT policy on {len(demonstrations)} demonstrations")
-                train_sft_policy(
-                    demonstrations,
-                    tokenizer,
-                    str(path / "sft_policy"),
-                    hidden_size=args.sft_hidden_size,
-                    num_hidden_layers=args.sft_num_hidden_layers,
-                    num_train_epochs=args.sft_num_train_epochs,
-                    learning_rate=args.sft_learning_rate,
-                    seed=args.world_seed,
-                    disable_tqdm=True,
-                    logging_strategy="no",
-                )
-                tokenizer.save_pretrained(path / "sft_policy")
-            else:
-                from datasets import load_dataset
-
-                source = Path(args.prompts_dataset_name).expanduser()
-                if source.is_file():  # a local json/jsonl/csv/parquet file of instructions
-                    loader = {".jsonl": "json"}.get(source.suffix, source.suffix.lstrip("."))
-                    data = load_dataset(loader, data_files=str(source), split="train")
-                else:
-                    data = load_dataset(
-                        args.prompts_dataset_name, args.prompts_dataset_config, split=args.prompts_split
-                    )
-                try:
-                    formatted = [args.prompt_template.format(**row) for row in data.shuffle(seed=args.world_seed)]
-                except KeyError as error:
-                    raise ValueError(
-                        f"--prompt_template names the column {error} that {args.prompts_dataset_name} lacks (it has "
-                        f"{data.column_names})."
-                    ) from error
-                prompts = list(dict.fromkeys(formatted))
-                if len(prompts) <= args.num_eval_prompts:
-                    raise ValueError(f"{len(prompts)} distinct prompts: fewer than --num_eval_prompts + 1.")
-                eval_prompts, train_prompts = prompts[: args.num_eval_prompts], prompts[args.num_eval_prompts :]
-                if args.num_train_prompts is not None:
-                    train_prompts = train_prompts[: args.num_train_prompts]
+            stage.start()
+        state.wait_for_everyone()
+        path = stage.path
+        if args.offline:
+            train_prompts, eval_prompts = train_offline_world(args, path, state)
+        else:
+            train_prompts, eval_prompts = load_instructions(args)
+        if state.is_main_process:
             (path / "prompts.json").write_text(json.dumps({"train": train_prompts, "eval": eval_prompts}, indent=1))
             stage.finish()
         state.wait_for_everyone()
     prompts = json.loads((stage.path / "prompts.json").read_text())
     policy = str(stage.path / "sft_policy") if args.offline else args.policy_name_or_path
     return prompts["train"], prompts["eval"], policy
+
+
+def train_offline_world(args: WorldArguments, path: Path, state) -> tuple[list[str], list[str]]:
+    """The offline world's prompt split, and its SFT policy trained on generated demonstrations into `path`."""
+    from trl_bayes.synthetic import WorldConfig, build_tokenizer, make_demonstrations, split_prompts, train_sft_policy
+
+    world = WorldConfig(
+        seed=args.world_seed, num_eval_prompts=args.num_eval_prompts, num_demonstrations=args.num_demonstrations
+    )
+    train_prompts, eval_prompts = split_prompts(world)
+    tokenizer = build_tokenizer()
+    demonstrations = make_demonstrations(train_prompts, world)
+    if state.is_main_process:
+        demonstrations.to_json(path / "demonstrations.jsonl")
+    state.print(f"[world] training the SFT policy on {len(demonstrations)} demonstrations")
+    train_sft_policy(
+        demonstrations,
+        tokenizer,
+        str(path / "sft_policy"),
+        hidden_size=args.sft_hidden_size,
+        num_hidden_layers=args.sft_num_hidden_layers,
+        num_train_epochs=args.sft_num_train_epochs,
+        learning_rate=args.sft_learning_rate,
+        seed=args.world_seed,
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
+    if state.is_main_process:
+        tokenizer.save_pretrained(path / "sft_policy")
+    return train_prompts, eval_prompts
+
+
+def load_instructions(args: WorldArguments) -> tuple[list[str], list[str]]:
+    """(training, held-out) prompts from `prompts_dataset_name` (Hub id or local file) through `prompt_template`."""
+    from datasets import load_dataset
+
+    source = Path(args.prompts_dataset_name).expanduser()
+    if source.is_file():  # a local json/jsonl/csv/parquet file of instructions
+        loader = {".jsonl": "json"}.get(source.suffix, source.suffix.lstrip("."))
+        data = load_dataset(loader, data_files=str(source), split="train")
+    else:
+        data = load_dataset(args.prompts_dataset_name, args.prompts_dataset_config, split=args.prompts_split)
+    try:
+        formatted = [args.prompt_template.format(**row) for row in data.shuffle(seed=args.world_seed)]
+    except KeyError as error:
+        raise ValueError(
+            f"--prompt_template names the column {error} that {args.prompts_dataset_name} lacks (it has "
+            f"{data.column_names})."
+        ) from error
+    prompts = list(dict.fromkeys(formatted))
+    if len(prompts) <= args.num_eval_prompts:
+        raise ValueError(f"{len(prompts)} distinct prompts: fewer than --num_eval_prompts + 1.")
+    eval_prompts, train_prompts = prompts[: args.num_eval_prompts], prompts[args.num_eval_prompts :]
+    if args.num_train_prompts is not None:
+        train_prompts = train_prompts[: args.num_train_prompts]
+    return train_prompts, eval_prompts
 
 
 def load_policy(policy_path: str, device):

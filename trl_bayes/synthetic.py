@@ -8,6 +8,7 @@ has learnable but imperfect signal.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -330,6 +331,8 @@ def train_sft_policy(
         warmup_steps=10,
         bf16=False,
         use_cpu=not torch.cuda.is_available(),
+        # Several CPU processes talk over gloo (transformers would otherwise pick a backend CPUs lack).
+        ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         save_strategy="no",
         report_to="none",
         seed=seed,
