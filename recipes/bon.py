@@ -200,7 +200,8 @@ def score_samples(args, eval_prompts, completions, held_out, members, gold, cach
     inverse = np.asarray(inverse)
     u_prompts, u_completions = [p for p, _ in distinct], [c for _, c in distinct]
     state.print(f"[scores] {len(distinct)} distinct responses out of {inverse.size}")
-    samples_key = {"world": world_settings(args), "N": args.num_samples, "seed": args.sampling_seed}
+    # Scores follow the samples they were computed on: the samples stage's key (world, N, seeds, batching).
+    samples_key = {"samples": json.loads((cache / "samples" / "done.json").read_text())}
     stage = Stage(cache / "scores", "gold", {**samples_key, "gold": args.gold_reward})
     if not stage.done:
         scores = score_sharded(lambda p, c: list(gold(prompts=p, completions=c)), u_prompts, u_completions, state)

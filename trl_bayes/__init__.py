@@ -2,6 +2,7 @@
 
 from .best_of_n import BestOfNOutput, BestOfNSampler, best_of_n_estimate, kl_best_of_n
 from .laplace_lora import HessianStructure, KFACApprox, PriorPrecisionMethod, SubsetOfWeights
+from .ppo import AdaptiveKLController, PPOConfig, PPOTrainer
 from .reward import BayesianRewardModel, PenalizedReward, Penalty, combine_gaussians, penalized_reward
 from .reward_config import BayesianRewardConfig
 from .reward_trainer import BayesianRewardTrainer
@@ -9,6 +10,7 @@ from .reward_trainer import BayesianRewardTrainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveKLController",
     "BayesianRewardConfig",
     "BayesianRewardModel",
     "BayesianRewardTrainer",
@@ -16,6 +18,8 @@ __all__ = [
     "BestOfNSampler",
     "HessianStructure",
     "KFACApprox",
+    "PPOConfig",
+    "PPOTrainer",
     "PenalizedReward",
     "Penalty",
     "PriorPrecisionMethod",

@@ -1,0 +1,66 @@
+"""Three PPO steps on a tiny policy; run by tests/test_ppo.py under two processes.
+
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no tests/dist_ppo.py OUT
+
+Each process writes OUT/rank<i>.pt: its policy and value weights after training, the initial weights, and the
+completions it was scored on. DDP averages the gradients, so the weights must be identical across processes while the
+completions (each process samples its own share of prompts under its own seed) differ.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import GPTNeoXForCausalLM, GPTNeoXForTokenClassification
+
+from trl_bayes import PPOConfig, PPOTrainer
+from trl_bayes.synthetic import build_tokenizer, tiny_gpt_neox_config, world_prompts
+
+
+class CountWordRecorder:
+    """Rewards the word `apple` and remembers every completion it scored."""
+
+    __name__ = "count_apple"
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def __call__(self, prompts, completions, **kwargs):
+        self.seen.extend(completions)
+        return [float(c.split().count("apple")) for c in completions]
+
+
+def main(out: Path) -> None:
+    tokenizer = build_tokenizer()
+    config = tiny_gpt_neox_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=1, bos_token_id=1)
+    torch.manual_seed(0)
+    policy = GPTNeoXForCausalLM(config)
+    config.num_labels = 1
+    value_model = GPTNeoXForTokenClassification(config)
+    initial = {k: v.clone() for k, v in policy.state_dict().items()}
+    args = PPOConfig(
+        str(out / "run"), use_cpu=True, bf16=False, report_to="none", disable_tqdm=True, save_strategy="no",
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, num_mini_batches=2, num_ppo_epochs=2,
+        max_new_tokens=6, temperature=1.0, learning_rate=3e-3, max_steps=3, adaptive_kl=True, seed=0,
+    )  # fmt: skip
+    reward = CountWordRecorder()
+    trainer = PPOTrainer(policy, reward, args, Dataset.from_dict({"prompt": world_prompts()[:40]}), tokenizer,
+                         value_model=value_model)  # fmt: skip
+    trainer.train()
+    accelerator = trainer.accelerator
+    record = {
+        "num_processes": accelerator.num_processes,
+        "policy": accelerator.unwrap_model(trainer.model).state_dict(),
+        "value": accelerator.unwrap_model(trainer.value_model).state_dict(),
+        "initial": initial,
+        "completions": reward.seen,
+        "kl_coef": trainer.kl_controller.value,
+    }
+    torch.save(record, out / f"rank{accelerator.process_index}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
