@@ -18,9 +18,10 @@ from trl_bayes.laplace_lora import (
     fit_laplace,
     make_laplace,
     pop_input_require_grads_hooks,
+    reward_jacobians,
     select_laplace_parameters,
 )
-from trl_bayes.per_sample import laplace_layers
+from trl_bayes.per_sample import batch_jacobians, laplace_layers
 from trl_bayes.reward import BayesianRewardModel, pad_right, tokenize_response
 
 from .conftest import lora_config, make_trainer
@@ -120,6 +121,21 @@ def test_kron_variance_equals_dense_kronecker_precision(tiny, tokenizer):
         reward = model(input_ids=torch.tensor([response])).logits.reshape(())
         jac = torch.cat([g.flatten() for g in torch.autograd.grad(reward, posterior.params)])
         torch.testing.assert_close(var[i], jac @ torch.linalg.solve(precision, jac), rtol=1e-8, atol=0)
+
+
+def test_batch_jacobians_equal_per_response_autograd(tiny, tokenizer):
+    """The whole Jacobians of a padded batch (used by the prior grid search) against one unpadded autograd call per
+    response."""
+    model, _ = tiny
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids = [tokenize_response(tokenizer, p, c) for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
+    input_ids, attention_mask = pad_right(ids, tokenizer.pad_token_id)
+    model.eval()
+    rewards, jacobians = batch_jacobians(model, params, laplace_layers(model, params), input_ids, attention_mask)
+    ref_rewards, ref_jacobians = reward_jacobians(model, params, input_ids, attention_mask)
+    assert jacobians.shape == (len(ids), sum(p.numel() for p in params))
+    torch.testing.assert_close(rewards, ref_rewards, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(jacobians, ref_jacobians, rtol=1e-8, atol=1e-12)
 
 
 def test_laplace_layers_refuses_weights_outside_linear_layers():
