@@ -41,10 +41,11 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from world_stages import check_output_dir
 
 RECIPE_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = RECIPE_DIR / "configs" / "reward.yaml"
@@ -286,18 +287,6 @@ def lora_config(model_args, model):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation
-
-
-def check_output_dir(output_dir: str) -> Path:
-    """Create `output_dir` and prove it is writable now, rather than after training when `save_model` would fail."""
-    path = Path(output_dir).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise OSError(f"Cannot write to output_dir {str(path)!r} ({error}): pass another --output_dir.") from error
-    return path
 
 
 def score_pairs(posterior, dataset, max_length: int | None, batch_size: int):
