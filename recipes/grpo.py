@@ -219,7 +219,7 @@ def write_summary(path: Path, args, table, seconds) -> None:
         lines.append(f"| {t['label']} | {fmt(t['gold_first'])} | {fmt(t['gold_last'])} | {fmt(t['gold_best'])} | "
                      f"{t['best_step']} | {fmt(t['kl_last'])} | {fmt(t['proxy_last'])} |")  # fmt: skip
     lines += ["", "## Time (s)", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {stage} | {value:.1f} |" for stage, value in seconds.items()]
+    lines += [f"| {stage} | {value:.2f} |" for stage, value in seconds.items()]
     lines += ["", f"Files: `{args.trainer}_results.csv`, `{args.trainer}_curves.png`."]
     path.write_text("\n".join(lines) + "\n")
 

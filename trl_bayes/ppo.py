@@ -666,7 +666,10 @@ class PPOTrainer:
             if args.save_strategy == "steps" and (self.global_step % int(args.save_steps) == 0 or last):
                 self._save_checkpoint()
         bar.close()
-        accelerator.end_training()
+        # Not `accelerator.end_training()`: it also destroys the process group, which a script running several
+        # trainers (recipes/ppo.py) still needs.
+        for tracker in accelerator.trackers:
+            tracker.finish()
         return self.log_history
 
     def step(self) -> dict[str, float]:
