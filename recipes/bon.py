@@ -28,19 +28,20 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from world_stages import (
     Stage,
+    StageClock,
     WorldArguments,
     build_world,
     check_output_dir,
     generation_config,
     load_gold_reward,
     load_policy,
+    make_accelerator,
     normalize_lora_targets,
     sample_pairs,
     train_proxies,
@@ -485,7 +486,6 @@ def describe_plan(args, training_args, model_args) -> list[str]:
 def main(args: BoNScriptArguments, training_args, model_args) -> None:
     import datasets
     import transformers
-    from accelerate import Accelerator, InitProcessGroupKwargs
 
     # One progress bar per stage is what a user wants to see, not a load report for each of a dozen proxies.
     transformers.logging.set_verbosity_error()
@@ -500,32 +500,22 @@ def main(args: BoNScriptArguments, training_args, model_args) -> None:
     if missing:
         raise FileNotFoundError(f"No such file or folder: {', '.join(missing)} (cwd: {Path.cwd()}).")
     # CPU processes talk over gloo; `cpu=use_cpu` keeps a CPU-only launch of several processes a real process group.
-    accelerator = Accelerator(
-        cpu=training_args.use_cpu,
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if training_args.use_cpu else [],
-    )
+    accelerator = make_accelerator(training_args)
     state = accelerator.state
-    seconds: dict[str, float] = {}
-    clock = start = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[stage] = now - clock
-        clock = now
+    clock = StageClock()
 
     cache = output_dir / "cache"
     gold = load_gold_reward(args, accelerator.device)  # before any long work: a bad gold fails here
     train_prompts, eval_prompts, policy_path = build_world(args, cache, state)
-    lap("world + SFT policy")
+    clock.lap("world + SFT policy")
     train_pairs, held_out = sample_pairs(args, train_prompts, eval_prompts, policy_path, gold, cache, accelerator)
-    lap("preference pairs")
+    clock.lap("preference pairs")
     members = train_proxies(args, training_args, model_args, train_pairs, policy_path, cache, state)
-    lap("proxies (MAP + Laplace fit)")
+    clock.lap("proxies (MAP + Laplace fit)")
     completions = sample_best_of_n(args, eval_prompts, policy_path, cache, accelerator)
-    lap("Best-of-N samples")
+    clock.lap("Best-of-N samples")
     gold_scores, proxies = score_samples(args, eval_prompts, completions, held_out, members, gold, cache, state)
-    lap("scores (gold + proxies)")
+    clock.lap("scores (gold + proxies)")
     if state.is_main_process:
         rows = compute_curves(args, gold_scores, proxies)
         write_csv(output_dir / "bon_results.csv", rows, CSV_COLUMNS)
@@ -534,8 +524,8 @@ def main(args: BoNScriptArguments, training_args, model_args) -> None:
         write_csv(output_dir / "pair_metrics.csv", pair_rows, list(pair_rows[0]))
         write_csv(output_dir / "bon_diagnostics.csv", along_n, list(along_n[0]))
         plot_diagnostics(output_dir / "bon_diagnostics.png", along_n, args)
-        lap("curves + diagnostics")
-        seconds["total"] = time.perf_counter() - start
+        clock.lap("curves + diagnostics")
+        seconds = clock.finish()
         table = aggregate(rows, args)
         sources = {
             "policy": args.policy_name_or_path or "offline SFT policy (tiny GPT-NeoX)",

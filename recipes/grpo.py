@@ -33,10 +33,12 @@ from typing import Any
 from ppo import aggregate, fmt, method_label, plot_curves
 from world_stages import (
     Stage,
+    StageClock,
     WorldArguments,
     build_world,
     check_output_dir,
     load_gold_reward,
+    make_accelerator,
     normalize_lora_targets,
     sample_pairs,
     train_proxies,
@@ -228,7 +230,6 @@ def main(args: GRPOScriptArguments, training_args, model_args) -> None:
     import datasets
     import torch
     import transformers
-    from accelerate import Accelerator, InitProcessGroupKwargs
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -242,36 +243,26 @@ def main(args: GRPOScriptArguments, training_args, model_args) -> None:
         raise ValueError("recipes/grpo.py runs on the offline world only; use recipes/ppo.py for a Hub policy.")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)  # tiny models on a shared CPU: avoid oversubscription
-    accelerator = Accelerator(
-        cpu=training_args.use_cpu,
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if training_args.use_cpu else [],
-    )
+    accelerator = make_accelerator(training_args)
     state = accelerator.state
-    seconds: dict[str, float] = {}
-    clock = start = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[stage] = seconds.get(stage, 0.0) + now - clock
-        clock = now
+    clock = StageClock()
 
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else output_dir / "cache"
     gold = load_gold_reward(args, accelerator.device)
     train_prompts, eval_prompts, policy_path = build_world(args, cache, state)
-    lap("world + SFT policy")
+    clock.lap("world + SFT policy")
     train_pairs, _ = sample_pairs(args, train_prompts, eval_prompts, policy_path, gold, cache, accelerator)
-    lap("preference pairs")
+    clock.lap("preference pairs")
     members = train_proxies(replace(args, ensemble_size=1), training_args, model_args, train_pairs, policy_path,
                             cache, state)  # fmt: skip
-    lap("proxies (MAP + Laplace fit)")
+    clock.lap("proxies (MAP + Laplace fit)")
     results = {}
     for method in args.methods:
         for seed in args.seeds:
             state.print(f"[{args.trainer}] {method_label(method, args)}, seed {seed}")
             results[method, seed] = run_grpo(args, training_args, method, seed, members[seed, 0], policy_path,
                                              (train_prompts, eval_prompts), gold, cache, state)  # fmt: skip
-            lap(f"{args.trainer.upper()} {method_label(method, args)}")
+            clock.lap(f"{args.trainer.upper()} {method_label(method, args)}")
     if state.is_main_process:
         rows = [
             {"method": m, "penalty": "none" if m == "MAP" else args.penalty, "k": 0.0 if m == "MAP" else args.k,
@@ -282,8 +273,8 @@ def main(args: GRPOScriptArguments, training_args, model_args) -> None:
         write_csv(output_dir / f"{args.trainer}_results.csv", rows, CSV_COLUMNS)
         plot_curves(output_dir / f"{args.trainer}_curves.png", rows, args)
         table = aggregate(rows, args)
-        lap("results")
-        seconds["total"] = time.perf_counter() - start
+        clock.lap("results")
+        seconds = clock.finish()
         for method in args.methods:
             step = [t for s in args.seeds for t in results[method, s]["times"]]
             seconds[f"mean step (generation + scoring + optimization), {method_label(method, args)}"] = sum(

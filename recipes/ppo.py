@@ -28,17 +28,18 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from world_stages import (
     Stage,
+    StageClock,
     WorldArguments,
     build_world,
     check_output_dir,
     load_gold_reward,
+    make_accelerator,
     normalize_lora_targets,
     sample_pairs,
     train_proxies,
@@ -341,7 +342,6 @@ def main(args: PPOScriptArguments, training_args, model_args) -> None:
     import datasets
     import torch
     import transformers
-    from accelerate import Accelerator, InitProcessGroupKwargs
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -358,30 +358,20 @@ def main(args: PPOScriptArguments, training_args, model_args) -> None:
     if args.num_threads:
         # Tiny models on a shared CPU: one thread per process avoids oversubscription (a step ran 10-40x slower).
         torch.set_num_threads(args.num_threads)
-    accelerator = Accelerator(
-        cpu=training_args.use_cpu,
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if training_args.use_cpu else [],
-    )
+    accelerator = make_accelerator(training_args)
     state = accelerator.state
-    seconds: dict[str, float] = {}
-    clock = start = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[stage] = seconds.get(stage, 0.0) + now - clock
-        clock = now
+    clock = StageClock()
 
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else output_dir / "cache"
     gold = load_gold_reward(args, accelerator.device)
     train_prompts, eval_prompts, policy_path = build_world(args, cache, state)
-    lap("world + SFT policy")
+    clock.lap("world + SFT policy")
     train_pairs, _ = sample_pairs(args, train_prompts, eval_prompts, policy_path, gold, cache, accelerator)
-    lap("preference pairs")
+    clock.lap("preference pairs")
     # Only the members the methods use are trained (the Best-of-N recipe's cache may already hold more).
     proxy_args = replace(args, ensemble_size=args.members_used(), methods=["MAP"])
     members = train_proxies(proxy_args, training_args, model_args, train_pairs, policy_path, cache, state)
-    lap("proxies (MAP + Laplace fit)")
+    clock.lap("proxies (MAP + Laplace fit)")
     histories = {}
     for method in args.methods:
         for seed in args.seeds:
@@ -389,13 +379,13 @@ def main(args: PPOScriptArguments, training_args, model_args) -> None:
             state.print(f"[ppo] {method_label(method, args)}, seed {seed}")
             histories[method, seed] = run_ppo(args, training_args, method, seed, dirs, policy_path,
                                               (train_prompts, eval_prompts), gold, cache, state)  # fmt: skip
-            lap(f"PPO {method_label(method, args)}")
+            clock.lap(f"PPO {method_label(method, args)}")
     if state.is_main_process:
         rows = [r for (method, seed), h in histories.items() for r in result_rows(method, seed, h, args)]
         write_csv(output_dir / "ppo_results.csv", rows, CSV_COLUMNS)
         plot_curves(output_dir / "ppo_curves.png", rows, args)
-        lap("results")
-        seconds["total"] = time.perf_counter() - start
+        clock.lap("results")
+        seconds = clock.finish()
         sources = {
             "policy": args.policy_name_or_path or "offline SFT policy (tiny GPT-NeoX)",
             "policy_training": f"LoRA r={args.policy_lora_r}" if args.policy_lora_r else "full fine-tuning",

@@ -142,6 +142,32 @@ class Stage:
         (self.path / "done.json").write_text(json.dumps(self.key, indent=2) + "\n")
 
 
+class StageClock:
+    """Wall time per named stage of a recipe; a stage named twice adds up. `seconds` ends with the `total`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.start = self.clock = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.clock
+        self.clock = now
+
+    def finish(self) -> dict[str, float]:
+        self.seconds["total"] = time.perf_counter() - self.start
+        return self.seconds
+
+
+def make_accelerator(training_args):
+    """The recipes' Accelerator: on CPU (`use_cpu`) a gloo process group, so that several CPU processes launched with
+    `accelerate launch --multi_gpu --num_processes N` form one group (without it each would run alone)."""
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if training_args.use_cpu else []
+    return Accelerator(cpu=training_args.use_cpu, kwargs_handlers=handlers)
+
+
 def check_output_dir(output_dir: str) -> Path:
     """Create `output_dir` and prove it writable before any long work."""
     path = Path(output_dir).expanduser()
