@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "grpo.py"
 TINY = [
     "--num_eval_prompts", "4", "--num_train_pairs", "48", "--num_eval_pairs", "12", "--num_demonstrations", "400",
@@ -17,17 +19,18 @@ TINY = [
 ]  # fmt: skip
 
 
-def test_grpo_smoke_run_writes_results(tmp_path):
+@pytest.mark.parametrize("trainer", ["grpo", "rloo"])
+def test_grpo_smoke_run_writes_results(tmp_path, trainer):
     out = tmp_path / "grpo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, str(RECIPE), "--output_dir", str(out), *TINY], env=env,
-                            capture_output=True, text=True, timeout=900)  # fmt: skip
+    args = ["--output_dir", str(out), "--trainer", trainer, *TINY]
+    result = subprocess.run([sys.executable, str(RECIPE), *args], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    with (out / "grpo_results.csv").open() as f:
+    with (out / f"{trainer}_results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["method", "penalty", "k", "seed", "step", "kl", "proxy_reward", "gold_reward"]
     assert {(r["method"], r["penalty"]) for r in rows} == {("MAP", "none"), ("LA", "std")}
     assert {int(r["step"]) for r in rows} == {0, 1, 2}
     assert all(float(r["kl"]) == 0.0 for r in rows if r["step"] == "0")
-    assert (out / "grpo_curves.png").is_file()
+    assert (out / f"{trainer}_curves.png").is_file()
     assert "| MAP |" in (out / "summary.md").read_text()

@@ -224,6 +224,33 @@ def test_bayesian_reward_model_directly_logs_the_penalty_parts(policy_dir, tmp_p
     assert entry["objective/scores"] == pytest.approx(entry["laplace/reward"], abs=1e-5)
 
 
+def test_conversational_prompts_go_through_the_chat_template(policy_dir, tmp_path):
+    """Conversations are rendered with the tokenizer's chat template, as every TRL trainer does, and the reward gets
+    the completions as assistant messages: the same samples and scores as the rendered text, same seed."""
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    texts = world_prompts()[:32]
+    seen = []
+
+    def reward(prompts, completions, **kwargs):
+        seen.append((prompts[0], completions[0]))
+        texts_ = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        return CountWord()(prompts, texts_)
+
+    chat = Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts]})
+    history_chat = PPOTrainer(
+        str(policy_dir), reward, ppo_args(tmp_path / "chat", max_steps=2), chat, tokenizer
+    ).train()
+    chat_prompt, chat_completion = seen[0]
+    assert chat_prompt[0]["role"] == "user" and chat_completion[0]["role"] == "assistant"
+    history_text = PPOTrainer(
+        str(policy_dir), reward, ppo_args(tmp_path / "text", max_steps=2), prompts(), tokenizer
+    ).train()
+    text_prompt, text_completion = seen[2]
+    assert text_prompt == chat_prompt[0]["content"] and text_completion == chat_completion[0]["content"]
+    assert [h["objective/scores"] for h in history_chat] == [h["objective/scores"] for h in history_text]
+
+
 def _no_times(history):
     return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in history]
 
