@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,13 @@ from world_stages import (
     load_policy,
     make_accelerator,
     normalize_lora_targets,
+    recipe_parser,
     sample_pairs,
     train_proxies,
     with_default_config,
     world_settings,
     write_csv,
+    write_run_record,
 )
 
 RECIPE_DIR = Path(__file__).resolve().parent
@@ -538,20 +540,13 @@ def main(args: BoNScriptArguments, training_args, model_args) -> None:
             files = [f for pattern in patterns for f in cache.glob(pattern)]
             computed[stage] = sum(json.loads(f.read_text()) for f in files) if files else None
         write_summary(output_dir / "summary.md", args, table, pair_rows, along_n, seconds, computed, sources)
-        (output_dir / "config.json").write_text(json.dumps({"script": asdict(args)}, indent=2, default=str) + "\n")
-        print((output_dir / "summary.md").read_text())
+        write_run_record(output_dir, args)
         print(f"Results in {output_dir}: bon_results.csv, bon_curves.png, summary.md, diagnostics.")
     accelerator.wait_for_everyone()
 
 
 def make_parser():
-    from trl import ModelConfig, TrlParser
-
-    from trl_bayes import BayesianRewardConfig
-
-    parser = TrlParser((BoNScriptArguments, BayesianRewardConfig, ModelConfig))
-    parser.set_defaults(use_peft=True, lora_task_type="SEQ_CLS", output_dir="outputs/bon")
-    return parser
+    return recipe_parser(BoNScriptArguments, "outputs/bon")
 
 
 if __name__ == "__main__":

@@ -40,11 +40,13 @@ from world_stages import (
     load_gold_reward,
     make_accelerator,
     normalize_lora_targets,
+    recipe_parser,
     sample_pairs,
     train_proxies,
     with_default_config,
     world_settings,
     write_csv,
+    write_run_record,
 )
 
 RECIPE_DIR = Path(__file__).resolve().parent
@@ -111,16 +113,16 @@ class GoldEvaluation:
 
     def __call__(self, policy) -> dict[str, float]:
         torch = self.torch
-        from trl_bayes.best_of_n import pad_left
         from trl_bayes.ppo import completion_mask, logprobs_from_logits
+        from trl_bayes.reward import eval_mode, pad_token_ids
 
         device = next(policy.parameters()).device
-        input_ids, prompt_mask = pad_left(self.tokenizer(self.prompts)["input_ids"], self.tokenizer.pad_token_id)
+        input_ids, prompt_mask = pad_token_ids(
+            self.tokenizer(self.prompts)["input_ids"], self.tokenizer.pad_token_id, side="left"
+        )
         input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), eval_mode(policy):
             torch.manual_seed(1234)  # the same draw at every evaluation: differences reflect the policy
-            was_training = policy.training
-            policy.eval()
             out = policy.generate(input_ids=input_ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
                                   temperature=self.args.grpo_temperature, max_new_tokens=self.args.max_new_tokens,
                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)  # fmt: skip
@@ -134,7 +136,6 @@ class GoldEvaluation:
                 logits = model(input_ids=sequences, attention_mask=attention, position_ids=position_ids).logits
                 logits = logits[:, input_ids.shape[1] - 1 : -1].float() / self.args.grpo_temperature
                 logprobs.append(logprobs_from_logits(logits, completions))
-            policy.train(was_training)
         kl = ((logprobs[0] - logprobs[1]) * mask).sum(1).mean().item()
         texts = self.tokenizer.batch_decode(
             [row[: int(m.sum())] for row, m in zip(completions.tolist(), mask, strict=True)], skip_special_tokens=True
@@ -281,19 +282,12 @@ def main(args: GRPOScriptArguments, training_args, model_args) -> None:
                 step
             ) / len(step)
         write_summary(output_dir / "summary.md", args, table, seconds)
-        (output_dir / "config.json").write_text(json.dumps({"script": asdict(args)}, indent=2, default=str) + "\n")
-        print((output_dir / "summary.md").read_text())
+        write_run_record(output_dir, args)
     accelerator.wait_for_everyone()
 
 
 def make_parser():
-    from trl import ModelConfig, TrlParser
-
-    from trl_bayes import BayesianRewardConfig
-
-    parser = TrlParser((GRPOScriptArguments, BayesianRewardConfig, ModelConfig))
-    parser.set_defaults(use_peft=True, lora_task_type="SEQ_CLS", output_dir="outputs/grpo")
-    return parser
+    return recipe_parser(GRPOScriptArguments, "outputs/grpo")
 
 
 if __name__ == "__main__":

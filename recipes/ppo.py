@@ -41,11 +41,13 @@ from world_stages import (
     load_gold_reward,
     make_accelerator,
     normalize_lora_targets,
+    recipe_parser,
     sample_pairs,
     train_proxies,
     with_default_config,
     world_settings,
     write_csv,
+    write_run_record,
 )
 
 RECIPE_DIR = Path(__file__).resolve().parent
@@ -396,20 +398,13 @@ def main(args: PPOScriptArguments, training_args, model_args) -> None:
         }
         table, times = aggregate(rows, args), step_times(histories, args)
         write_summary(output_dir / "summary.md", args, table, times, seconds, sources)
-        (output_dir / "config.json").write_text(json.dumps({"script": asdict(args)}, indent=2, default=str) + "\n")
-        print((output_dir / "summary.md").read_text())
+        write_run_record(output_dir, args)
         print(f"Results in {output_dir}: ppo_results.csv, ppo_curves.png, summary.md.")
     accelerator.wait_for_everyone()
 
 
 def make_parser():
-    from trl import ModelConfig, TrlParser
-
-    from trl_bayes import BayesianRewardConfig
-
-    parser = TrlParser((PPOScriptArguments, BayesianRewardConfig, ModelConfig))
-    parser.set_defaults(use_peft=True, lora_task_type="SEQ_CLS", output_dir="outputs/ppo")
-    return parser
+    return recipe_parser(PPOScriptArguments, "outputs/ppo")
 
 
 if __name__ == "__main__":

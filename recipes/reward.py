@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from world_stages import check_output_dir
+from world_stages import check_output_dir, with_default_config
 
 RECIPE_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = RECIPE_DIR / "configs" / "reward.yaml"
@@ -477,20 +477,9 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
     return parser
 
 
-def with_default_config(argv: list[str]) -> list[str]:
-    """`argv` with `--config recipes/configs/reward.yaml` added when no config is given, so that a bare launch works.
-
-    TrlParser only reads `--config PATH`, so `--config=PATH` is split into that form.
-    """
-    args: list[str] = []
-    for arg in argv:
-        args.extend(["--config", arg.split("=", 1)[1]] if arg.startswith("--config=") else [arg])
-    if "--config" not in args:
-        args = ["--config", str(DEFAULT_CONFIG), *args]
-    return args
-
-
 if __name__ == "__main__":
     parser = make_parser()
-    script_args, training_args, model_args = parser.parse_args_and_config(with_default_config(sys.argv[1:]))
+    script_args, training_args, model_args = parser.parse_args_and_config(
+        with_default_config(sys.argv[1:], DEFAULT_CONFIG)
+    )
     main(script_args, training_args, model_args)

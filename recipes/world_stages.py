@@ -483,6 +483,26 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> Non
             writer.writerow({c: row[c] for c in columns})
 
 
+def recipe_parser(script_arguments_class, output_dir: str):
+    """The recipes' TrlParser: their own arguments, `BayesianRewardConfig` (the proxies' training and posterior) and
+    `trl.ModelConfig` (the proxies' model and LoRA), with the LoRA defaults a reward model needs."""
+    from trl import ModelConfig, TrlParser
+
+    from trl_bayes import BayesianRewardConfig
+
+    parser = TrlParser((script_arguments_class, BayesianRewardConfig, ModelConfig))
+    parser.set_defaults(use_peft=True, lora_task_type="SEQ_CLS", output_dir=output_dir)
+    return parser
+
+
+def write_run_record(output_dir: Path, args) -> None:
+    """`config.json` (the script arguments of the run) next to the results, and the summary on the console."""
+    from dataclasses import asdict
+
+    (output_dir / "config.json").write_text(json.dumps({"script": asdict(args)}, indent=2, default=str) + "\n")
+    print((output_dir / "summary.md").read_text())
+
+
 def with_default_config(argv: list[str], default_config: Path) -> list[str]:
     """`argv` with `--config <default_config>` added when no config is given, so that a bare launch works."""
     args: list[str] = []

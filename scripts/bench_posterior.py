@@ -62,7 +62,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification, Printe
 import trl_bayes
 from trl_bayes import BayesianRewardConfig, BayesianRewardModel, BayesianRewardTrainer
 from trl_bayes.laplace_lora import without_input_require_grads_hooks
-from trl_bayes.reward import pad_right
+from trl_bayes.reward import pad_token_ids
 from trl_bayes.synthetic import build_tokenizer
 
 # EleutherAI/pythia-70m's hyperparameters, written out so that no Hub access is needed.
@@ -314,7 +314,7 @@ def bench_stock(
     It differentiates the whole batch once per output (torch.func.jacrev), so its time and memory grow with the square
     of the batch: hence a smaller batch than ours. Also returns how far its (mean, var) is from ours.
     """
-    input_ids, attention_mask = pad_right(responses, pad_token_id)
+    input_ids, attention_mask = pad_token_ids(responses, pad_token_id)
     x = {"input_ids": input_ids, "attention_mask": attention_mask}
     rows, agreement, speedups = [], [], {}
     n = len(responses)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.recipe_runs import main_in_process, run_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "bon.py"
 PAPER_CONFIG = RECIPE.parent / "configs" / "bon_pythia_alpacafarm.yaml"
@@ -21,18 +20,10 @@ TINY = [
 ]  # fmt: skip
 
 
-def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, str(RECIPE), *args], env=env, capture_output=True, text=True, timeout=900)
-    if check:
-        assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
-
-
 @pytest.mark.slow
 def test_offline_default_writes_results_and_resumes_from_cache(tmp_path):
     out = tmp_path / "bon"
-    _run("--output_dir", str(out), *TINY)
+    run_recipe(RECIPE, "--output_dir", str(out), *TINY)
     with (out / "bon_results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["method", "penalty", "k", "seed", "n", "kl", "proxy_reward", "gold_reward"]
@@ -54,19 +45,9 @@ def test_offline_default_writes_results_and_resumes_from_cache(tmp_path):
     assert len(markers) >= 2 + 4 + 1 + 1 + 4  # world, pairs, 2 seeds x 2 proxies, samples, gold, 4 proxy scores
     stamps = {m: m.stat().st_mtime_ns for m in markers}
     before = (out / "bon_results.csv").read_text()
-    _run("--output_dir", str(out), *TINY)
+    run_recipe(RECIPE, "--output_dir", str(out), *TINY)
     assert {m: m.stat().st_mtime_ns for m in markers} == stamps
     assert (out / "bon_results.csv").read_text() == before
-
-
-def _main_in_process(*flags: str) -> None:
-    """Parse `flags` as the recipe does and run its main (for checks that must fail before any work)."""
-    sys.path.insert(0, str(RECIPE.parent))
-    try:
-        import bon
-    finally:
-        sys.path.remove(str(RECIPE.parent))
-    bon.main(*bon.make_parser().parse_args_and_config(bon.with_default_config(list(flags), bon.DEFAULT_CONFIG)))
 
 
 @pytest.mark.parametrize(
@@ -85,18 +66,20 @@ def _main_in_process(*flags: str) -> None:
 def test_bad_configuration_fails_before_any_work(tmp_path, flags, message):
     args = ["--output_dir", str(tmp_path / "x"), *flags] if "--output_dir" not in flags else flags
     with pytest.raises((ValueError, OSError)) as error:
-        _main_in_process(*args)
+        main_in_process(RECIPE, *args)
     assert message in str(error.value)
     assert not (tmp_path / "x" / "cache").exists()
 
 
 def test_bad_configuration_fails_fast_from_the_command_line(tmp_path):
-    result = _run("--output_dir", str(tmp_path / "x"), "--methods", "MAP", "PPO", check=False)
+    result = run_recipe(RECIPE, "--output_dir", str(tmp_path / "x"), "--methods", "MAP", "PPO", check=False)
     assert result.returncode != 0 and "unknown ['PPO']" in result.stderr
 
 
 def test_paper_config_parses_and_names_the_paper_setup(tmp_path):
-    result = _run("--config", str(PAPER_CONFIG), "--dry_run", "true", "--bf16", "false", "--output_dir", str(tmp_path))
+    result = run_recipe(
+        RECIPE, "--config", str(PAPER_CONFIG), "--dry_run", "true", "--bf16", "false", "--output_dir", str(tmp_path)
+    )
     plan = result.stdout
     assert "policy: EleutherAI/pythia-1.4b" in plan
     assert "EleutherAI/pythia-70m + LoRA r=8 alpha=16, kron Laplace, 3 seeds x 5 members" in plan
@@ -124,7 +107,7 @@ def test_paper_config_runs_on_local_stand_ins_through_the_hub_code_path(tmp_path
     rows = [{"instruction": f"name {q} {c}", "input": ""} for c in CATEGORIES for q in ("some", "a few", "many")]
     prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out"
-    _run(
+    run_recipe(RECIPE,
         "--config", str(PAPER_CONFIG), "--output_dir", str(out), "--bf16", "false",
         "--policy_name_or_path", str(policy_dir), "--model_name_or_path", str(policy_dir),
         "--gold_reward", str(gold_dir), "--prompts_dataset_name", str(prompts),

@@ -4,12 +4,11 @@ run with a tiny budget."""
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.recipe_runs import run_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "grpo.py"
 TINY = [
@@ -22,10 +21,7 @@ TINY = [
 @pytest.mark.parametrize("trainer", ["grpo", "rloo"])
 def test_grpo_smoke_run_writes_results(tmp_path, trainer):
     out = tmp_path / "grpo"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    args = ["--output_dir", str(out), "--trainer", trainer, *TINY]
-    result = subprocess.run([sys.executable, str(RECIPE), *args], env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    run_recipe(RECIPE, "--output_dir", str(out), "--trainer", trainer, *TINY)
     with (out / f"{trainer}_results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["method", "penalty", "k", "seed", "step", "kl", "proxy_reward", "gold_reward"]

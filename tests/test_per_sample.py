@@ -22,7 +22,7 @@ from trl_bayes.laplace_lora import (
     select_laplace_parameters,
 )
 from trl_bayes.per_sample import batch_jacobians, laplace_layers
-from trl_bayes.reward import BayesianRewardModel, pad_right, tokenize_response
+from trl_bayes.reward import BayesianRewardModel, pad_token_ids, tokenize_response
 
 from .conftest import lora_config, make_trainer
 
@@ -86,7 +86,7 @@ def test_predictive_equals_laplace_torch_predictive(tiny, tokenizer, structure):
     assert var.dtype == torch.float64 and (var > 0).all()
 
     # laplace-torch's stock GLM predictive on the padded batch.
-    input_ids, attention_mask = pad_right(ids, tokenizer.pad_token_id)
+    input_ids, attention_mask = pad_token_ids(ids, tokenizer.pad_token_id)
     model.eval()
     f_mu, f_var = la({"input_ids": input_ids, "attention_mask": attention_mask}, pred_type="glm")
     torch.testing.assert_close(mean, f_mu.reshape(-1), rtol=1e-10, atol=1e-12)
@@ -129,7 +129,7 @@ def test_batch_jacobians_equal_per_response_autograd(tiny, tokenizer):
     model, _ = tiny
     params = [p for p in model.parameters() if p.requires_grad]
     ids = [tokenize_response(tokenizer, p, c) for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
-    input_ids, attention_mask = pad_right(ids, tokenizer.pad_token_id)
+    input_ids, attention_mask = pad_token_ids(ids, tokenizer.pad_token_id)
     model.eval()
     rewards, jacobians = batch_jacobians(model, params, laplace_layers(model, params), input_ids, attention_mask)
     ref_rewards, ref_jacobians = reward_jacobians(model, params, input_ids, attention_mask)

@@ -4,12 +4,11 @@ the paper-scale config parsed into a plan."""
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.recipe_runs import main_in_process, run_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "ppo.py"
 PAPER_CONFIG = RECIPE.parent / "configs" / "ppo_pythia_alpacafarm.yaml"
@@ -22,17 +21,9 @@ TINY = [
 ]  # fmt: skip
 
 
-def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, str(RECIPE), *args], env=env, capture_output=True, text=True, timeout=900)
-    if check:
-        assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
-
-
 def test_offline_smoke_run_writes_results_and_reruns_from_cache(tmp_path):
     out = tmp_path / "ppo"
-    _run("--output_dir", str(out), *TINY)
+    run_recipe(RECIPE, "--output_dir", str(out), *TINY)
     with (out / "ppo_results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["method", "penalty", "k", "seed", "step", "kl", "proxy_reward", "gold_reward"]
@@ -49,18 +40,9 @@ def test_offline_smoke_run_writes_results_and_reruns_from_cache(tmp_path):
     markers = sorted((out / "cache").rglob("done.json"))
     stamps = {m: m.stat().st_mtime_ns for m in markers}
     before = (out / "ppo_results.csv").read_text()
-    _run("--output_dir", str(out), *TINY)
+    run_recipe(RECIPE, "--output_dir", str(out), *TINY)
     assert {m: m.stat().st_mtime_ns for m in markers} == stamps
     assert (out / "ppo_results.csv").read_text() == before
-
-
-def _main_in_process(*flags: str) -> None:
-    sys.path.insert(0, str(RECIPE.parent))
-    try:
-        import ppo
-    finally:
-        sys.path.remove(str(RECIPE.parent))
-    ppo.main(*ppo.make_parser().parse_args_and_config(ppo.with_default_config(list(flags), ppo.DEFAULT_CONFIG)))
 
 
 @pytest.mark.parametrize(
@@ -77,13 +59,15 @@ def _main_in_process(*flags: str) -> None:
 def test_bad_configuration_fails_before_any_work(tmp_path, flags, message):
     args = ["--output_dir", str(tmp_path / "x"), *flags] if "--output_dir" not in flags else flags
     with pytest.raises((ValueError, OSError)) as error:
-        _main_in_process(*args)
+        main_in_process(RECIPE, *args)
     assert message in str(error.value)
     assert not (tmp_path / "x" / "cache").exists()
 
 
 def test_paper_config_parses_into_the_paper_plan(tmp_path):
-    result = _run("--config", str(PAPER_CONFIG), "--dry_run", "true", "--bf16", "false", "--output_dir", str(tmp_path))
+    result = run_recipe(
+        RECIPE, "--config", str(PAPER_CONFIG), "--dry_run", "true", "--bf16", "false", "--output_dir", str(tmp_path)
+    )
     plan = result.stdout
     assert "policy: EleutherAI/pythia-1.4b" in plan and "tatsu-lab/alpaca_farm" in plan
     assert "EleutherAI/pythia-70m + LoRA r=8 alpha=16, kron Laplace, 3 seeds x 1 members" in plan

@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.recipe_runs import RECIPES, run_recipe
 from trl_bayes import BayesianRewardModel
-
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
 
 
 def test_reward_recipe_offline_default_writes_adapter_posterior_and_summary(tmp_path):
     out = tmp_path / "rm"
-    _run(
-        str(RECIPES / "reward.py"),
+    run_recipe(
+        RECIPES / "reward.py",
         "--output_dir",
         str(out),
         "--num_train_pairs",
@@ -56,6 +43,6 @@ def test_reward_recipe_offline_default_writes_adapter_posterior_and_summary(tmp_
     ],
 )
 def test_reward_recipe_fails_fast_on_bad_configuration(tmp_path, flags, message):
-    result = _run(str(RECIPES / "reward.py"), "--output_dir", str(tmp_path / "x"), *flags, check=False)
+    result = run_recipe(RECIPES / "reward.py", "--output_dir", str(tmp_path / "x"), *flags, check=False)
     assert result.returncode != 0
     assert message in result.stderr

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 from collections.abc import Callable, Sequence
@@ -39,17 +38,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """The model in eval mode (no dropout) inside the block, its previous mode restored after, even on error."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
+from .reward import eval_mode, pad_token_ids
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The unbiased Best-of-n estimator: pure functions over (P, N) = (prompts, samples) arrays.
@@ -204,17 +193,6 @@ class BestOfNOutput:
 def chunk_seed(seed: int, chunk: int) -> int:
     """A well-mixed 32-bit seed for one prompt chunk, from the sampler's seed and the chunk's global index."""
     return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
-
-
-def pad_left(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists for generation. Returns `input_ids`, `attention_mask`, both `(B, L)`."""
-    length = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, ids in enumerate(sequences):
-        input_ids[i, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[i, length - len(ids) :] = 1
-    return input_ids, attention_mask
 
 
 class RefuseNaNLogits(LogitsProcessor):
@@ -442,8 +420,8 @@ class BestOfNSampler:
         if not all(prompt_ids):
             raise ValueError("A prompt tokenizes to no tokens; the policy needs at least one token to continue.")
         # Repeat each prompt n times (rather than num_return_sequences) so a chunk is one plain batch of P * n rows.
-        input_ids, attention_mask = pad_left(
-            [ids for ids in prompt_ids for _ in range(self.n)], self.tokenizer.pad_token_id
+        input_ids, attention_mask = pad_token_ids(
+            [ids for ids in prompt_ids for _ in range(self.n)], self.tokenizer.pad_token_id, side="left"
         )
         device = next(self.policy.parameters()).device
         rows = input_ids.shape[0]

@@ -47,8 +47,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from .best_of_n import pad_left
-from .reward import BayesianRewardModel, PenalizedReward
+from .reward import BayesianRewardModel, PenalizedReward, pad_token_ids
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The PPO math, pure: tensors in, tensors out.
@@ -569,7 +568,7 @@ class PPOTrainer:
         policy = self.accelerator.unwrap_model(self.model)
         device = self.accelerator.device
         chunk = self.args.rollout_batch_size or len(prompt_ids)
-        prompts, prompt_mask = pad_left(prompt_ids, self.tokenizer.pad_token_id)
+        prompts, prompt_mask = pad_token_ids(prompt_ids, self.tokenizer.pad_token_id, side="left")
         outputs = []
         for i in range(0, len(prompt_ids), chunk):
             out = policy.generate(

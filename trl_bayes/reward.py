@@ -67,14 +67,20 @@ def tokenize_response(tokenizer: PreTrainedTokenizerBase, prompt: Any, completio
     return list(_tokenize(tokenizer, prompt + completion)["input_ids"])
 
 
-def pad_right(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists. Returns `input_ids`, `attention_mask`, both `(B, L)`."""
+def pad_token_ids(
+    sequences: Sequence[list[int]], pad_token_id: int, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token id lists on the `right` (scoring: the reward is read at the last real token) or the `left`
+    (generation: every row continues from its last column). Returns `input_ids`, `attention_mask`, both `(B, L)`."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}.")
     length = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for i, ids in enumerate(sequences):
-        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[i, : len(ids)] = 1
+        span = slice(0, len(ids)) if side == "right" else slice(length - len(ids), length)
+        input_ids[i, span] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, span] = 1
     return input_ids, attention_mask
 
 
@@ -107,11 +113,17 @@ def save_base_model(model: PeftModel, directory: str | Path) -> None:
 def scoring_mode(model: torch.nn.Module):
     """Inside the block: the model in eval mode (no dropout) and without the input embeddings' require-grads hooks (no
     backward below the first Laplace layer); both restored after, even on error."""
+    with eval_mode(model), without_input_require_grads_hooks(model):
+        yield
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode (no dropout) inside the block, its previous mode restored after, even on error."""
     was_training = model.training
     model.eval()
     try:
-        with without_input_require_grads_hooks(model):
-            yield
+        yield
     finally:
         model.train(was_training)
 
@@ -165,7 +177,7 @@ class BayesianRewardModel:
         self, token_ids: Sequence[list[int]], pairs: bool, laplace_backend: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, var) of one batch of responses, or of the differences of interleaved pairs."""
-        input_ids, attention_mask = pad_right(token_ids, self.tokenizer.pad_token_id)
+        input_ids, attention_mask = pad_token_ids(token_ids, self.tokenizer.pad_token_id)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         if not laplace_backend:
             mean, var = glm_predictive(self.laplace, self.model, self.layers, input_ids, attention_mask, pairs)
@@ -233,7 +245,7 @@ class BayesianRewardModel:
                     variances.append(var)
                 else:
                     input_ids, attention_mask = (
-                        t.to(self.device) for t in pad_right(batch, self.tokenizer.pad_token_id)
+                        t.to(self.device) for t in pad_token_ids(batch, self.tokenizer.pad_token_id)
                     )
                     with torch.no_grad():
                         mean = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.reshape(-1).cpu()
