@@ -227,8 +227,8 @@ def test_sample_shapes_scores_and_selection(policy, tokenizer):
     assert len(set(out.scores.ravel())) > 2  # the selection below is not trivial
     np.testing.assert_array_equal(out.best_index, expected.argmax(1))
     assert out.best_completions == [row[i] for row, i in zip(out.completions, expected.argmax(1), strict=True)]
-    # The reward got the TRL keyword arguments, in batches of at most score_batch_size.
-    assert all(len(call["completions"]) <= 3 for call in reward.calls)
+    # The reward got the TRL keyword arguments, in whole prompts: score_batch_size=3 < n=4, so one prompt per call.
+    assert all(len(call["completions"]) == 4 and len(set(call["prompts"])) == 1 for call in reward.calls)
     assert sum(len(call["completions"]) for call in reward.calls) == 20
     assert all(len(call["completion_ids"]) == len(call["completions"]) for call in reward.calls)
     # Completion texts carry no special tokens.
@@ -341,6 +341,13 @@ def test_sampler_with_a_penalized_bayesian_reward(policy, tokenizer, tmp_path):
     mean, var = trainer.posterior.predict([p for p, _ in flat], [c for _, c in flat])
     np.testing.assert_allclose(out.scores.ravel(), (mean - var.sqrt()).double().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(out.best_index, out.scores.argmax(1))
+
+    # The relative variance: each prompt's n candidates reach the reward together (score_batch_size=4 holds 1 prompt).
+    relative = PenalizedReward(trainer.posterior, penalty="std", k=1.0, uncertainty="relative")
+    out = make_sampler(policy, tokenizer, reward=relative, n=3, score_batch_size=4)(PROMPTS[:2])
+    flat = [(p, c) for p, row in zip(PROMPTS[:2], out.completions, strict=True) for c in row]
+    mean, _, rel = trainer.posterior.predict_relative([p for p, _ in flat], [c for _, c in flat])
+    np.testing.assert_allclose(out.scores.ravel(), (mean - rel.sqrt()).double().numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_refuses_an_accelerator_that_misses_launched_processes(policy, tokenizer, monkeypatch):

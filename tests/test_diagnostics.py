@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from trl_bayes.diagnostics import expected_calibration_error, pair_metrics, uncertainty_along_n
+from trl_bayes.diagnostics import (
+    expected_calibration_error,
+    pair_metrics,
+    uncertainty_along_n,
+    within_prompt_correlation,
+)
 
 
 def test_expected_calibration_error_on_constructed_cases():
@@ -53,3 +58,20 @@ def test_uncertainty_along_n_against_a_loop():
         assert row["num_responses"] == 5 * keep
         assert row["corr_std_error"] == pytest.approx(np.corrcoef(picked_std, picked_err)[0, 1])
         assert row["mean_error"] == pytest.approx(np.mean(picked_err))
+        per_prompt = [
+            np.corrcoef(picked_std[p * keep : (p + 1) * keep], picked_err[p * keep : (p + 1) * keep])[0, 1]
+            for p in range(5)
+        ]
+        if keep >= 3:
+            assert row["corr_std_error_within"] == pytest.approx(np.mean(per_prompt))
+        else:
+            assert math.isnan(row["corr_std_error_within"])
+
+
+def test_within_prompt_correlation_ignores_offsets_between_prompts():
+    # Within each prompt x and y are perfectly anti-correlated; across prompts, offsets make the pooled one positive.
+    x = np.array([[0.0, 1.0, 2.0], [10.0, 11.0, 12.0]])
+    y = np.array([[2.0, 1.0, 0.0], [12.0, 11.0, 10.0]])
+    assert within_prompt_correlation(x, y) == pytest.approx(-1.0)
+    assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.9
+    assert math.isnan(within_prompt_correlation(np.ones((2, 3)), y))

@@ -14,11 +14,27 @@ from trl_bayes.synthetic import tiny_gpt_neox_config
 from .conftest import make_trainer
 
 
-@pytest.mark.parametrize(("trainer_cls", "config_cls"), [(GRPOTrainer, GRPOConfig), (RLOOTrainer, RLOOConfig)])
-def test_trl_trainer_trains_with_a_penalized_bayesian_reward(tokenizer, tmp_path, trainer_cls, config_cls):
+class RecordingReward(PenalizedReward):
+    """Records the prompts of every call, to check that TRL hands over whole groups of `num_generations`."""
+
+    calls: list
+
+    def __call__(self, prompts, completions, **kwargs):
+        self.calls.append(list(prompts))
+        return super().__call__(prompts, completions, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("trainer_cls", "config_cls", "uncertainty"),
+    [(GRPOTrainer, GRPOConfig, "marginal"), (RLOOTrainer, RLOOConfig, "relative")],
+)
+def test_trl_trainer_trains_with_a_penalized_bayesian_reward(
+    tokenizer, tmp_path, trainer_cls, config_cls, uncertainty
+):
     reward_trainer = make_trainer(tokenizer, tmp_path / "rm", num_pairs=16)
     reward_trainer.train()
-    reward = PenalizedReward(reward_trainer.posterior, penalty="std", k=1.0)
+    reward = RecordingReward(reward_trainer.posterior, penalty="std", k=1.0, uncertainty=uncertainty)
+    reward.calls = []
 
     torch.manual_seed(0)
     config = tiny_gpt_neox_config(
@@ -58,3 +74,7 @@ def test_trl_trainer_trains_with_a_penalized_bayesian_reward(tokenizer, tmp_path
     assert any(f"rewards/{reward.__name__}/mean" in entry for entry in trainer.state.log_history)
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert changed, f"{trainer_cls.__name__} did not update the policy"
+    # The relative variance centers each completion on its group: every call must hold whole groups (4 per prompt).
+    assert reward.calls and all(
+        all(call.count(p) % args.num_generations == 0 for p in set(call)) for call in reward.calls
+    )

@@ -230,7 +230,8 @@ class BestOfNSampler:
             `prompt_batch_size * n` sequences unless `generation_batch_size` splits it.
         generation_batch_size (`int`, *optional*): sequences per `generate` call within a chunk (e.g. 500 for the
             12,500 samples of one prompt); `None` = the whole chunk at once. Part of what the samples depend on.
-        score_batch_size (`int`, *optional*, defaults to `64`): (prompt, completion) pairs per reward call.
+        score_batch_size (`int`, *optional*, defaults to `64`): (prompt, completion) pairs per reward call, rounded
+            down to whole prompts (at least one): a prompt's n candidates always reach the reward together.
         seed (`int`, *optional*, defaults to `0`): sampling seed.
         accelerator ([`~accelerate.Accelerator`], *optional*): split the chunks over its processes.
         progress_bar (`bool`, *optional*, defaults to `True`): a tqdm bar over chunks on the main process.
@@ -326,8 +327,12 @@ class BestOfNSampler:
         flat_completions = [c for cs in completions for c in cs]
         flat_ids = None if completion_ids is None else [ids for row in completion_ids for ids in row]
         scores: list[float] = []
-        for start in range(0, len(flat_completions), self.score_batch_size):
-            stop = min(start + self.score_batch_size, len(flat_completions))
+        # Whole prompts per reward call (at least one, even above `score_batch_size`): a reward that compares a
+        # prompt's candidates with each other (`PenalizedReward(uncertainty="relative")`) must see all of them.
+        n = width.pop() if width else 0
+        step = max(1, self.score_batch_size // max(n, 1)) * n
+        for start in range(0, len(flat_completions), max(step, 1)):
+            stop = min(start + step, len(flat_completions))
             batch = self.reward(
                 prompts=flat_prompts[start:stop],
                 completions=flat_completions[start:stop],

@@ -82,6 +82,16 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def within_prompt_correlation(x: np.ndarray, y: np.ndarray) -> float:
+    """Mean over prompts (rows of `(P, K)` arrays) of the Pearson correlation of x and y across that prompt's
+    responses: what matters for a ranking within each prompt, free of the offsets between prompts. Rows where either is
+    constant or with fewer than 3 entries are skipped; NaN when none is left."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    values = [pearson(a, b) for a, b in zip(x, y, strict=True)]
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def uncertainty_along_n(
     proxy_mean: np.ndarray, proxy_std: np.ndarray, gold: np.ndarray, ns: list[int]
 ) -> list[dict[str, float]]:
@@ -96,8 +106,9 @@ def uncertainty_along_n(
         ns: the values of n.
 
     Returns:
-        One dict per n: `n`, `num_responses`, `corr_std_error` (Pearson correlation of std and error),
-        `corr_std_proxy`, `mean_std`, `mean_error`.
+        One dict per n: `n`, `num_responses`, `corr_std_error` (Pearson correlation of std and error, pooled over
+        prompts), `corr_std_error_within` (the same within each prompt, averaged over prompts; NaN once fewer than 3
+        responses per prompt are left), `corr_std_proxy`, `mean_std`, `mean_error`.
     """
     z_error = standardize(proxy_mean) - standardize(gold)
     order = np.argsort(-np.asarray(proxy_mean), axis=1, kind="stable")
@@ -111,6 +122,7 @@ def uncertainty_along_n(
                 "n": n,
                 "num_responses": int(std.size),
                 "corr_std_error": pearson(std, error),
+                "corr_std_error_within": within_prompt_correlation(std, error),
                 "corr_std_proxy": pearson(std, np.take_along_axis(proxy_mean, top, axis=1)),
                 "mean_std": float(std.mean()),
                 "mean_error": float(error.mean()),

@@ -214,12 +214,13 @@ class GLMVariance:
 
     Args:
         la: the fitted posterior.
-        transform: applied to every per-sample gradient `(B, *shape)` before the quadratic form, e.g. chosen minus
-            rejected for pairs; it must act on the batch dimension the same way for every parameter.
+        transform: maps (parameter index, per-sample gradients `(B, *shape)`) to the rows that enter the quadratic
+            form, e.g. chosen minus rejected for pairs, or minus the prompt's mean gradient for the relative variance;
+            it must act on the batch dimension the same way for every parameter.
     """
 
-    def __init__(self, la: ParametricLaplace, transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        self.transform = transform or (lambda jacobians: jacobians)
+    def __init__(self, la: ParametricLaplace, transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
+        self.transform = transform or (lambda index, jacobians: jacobians)
         self.shapes = [p.shape for p in la.params]
         self.variance: torch.Tensor | float = 0.0
         self.full_jacobians: dict[int, torch.Tensor] = {}
@@ -235,14 +236,18 @@ class GLMVariance:
 
     def __call__(self, layer: LaplaceLayer, inputs: torch.Tensor, output_grads: torch.Tensor) -> None:
         for index, jacobians in layer_gradients(layer, inputs, output_grads).items():
-            jacobians = self.transform(jacobians)
-            if isinstance(self.la, KronLaplace):
-                vectors, inverse_eigenvalues = self.kron[index]
-                self.variance = self.variance + kron_block_variance(jacobians, vectors, inverse_eigenvalues)
-            elif isinstance(self.la, DiagLaplace):
-                self.variance = self.variance + diag_block_variance(jacobians, self.diag[index])
-            else:
-                self.full_jacobians[index] = jacobians.flatten(1)
+            self.add(index, jacobians)
+
+    def add(self, index: int, jacobians: torch.Tensor) -> None:
+        """Add the share of Laplace parameter `index`, from its per-sample gradients `(B, *shape)`."""
+        jacobians = self.transform(index, jacobians)
+        if isinstance(self.la, KronLaplace):
+            vectors, inverse_eigenvalues = self.kron[index]
+            self.variance = self.variance + kron_block_variance(jacobians, vectors, inverse_eigenvalues)
+        elif isinstance(self.la, DiagLaplace):
+            self.variance = self.variance + diag_block_variance(jacobians, self.diag[index])
+        else:
+            self.full_jacobians[index] = jacobians.flatten(1)
 
     def finish(self) -> torch.Tensor:
         """The variances `(B,)`, clamped at zero against round-off."""
@@ -250,6 +255,79 @@ class GLMVariance:
             jacobians = torch.cat([self.full_jacobians[i] for i in range(len(self.shapes))], dim=1)
             self.variance = full_variance(jacobians, self.covariance)
         return torch.as_tensor(self.variance).clamp_min(0.0)
+
+
+class GroupGradientSums:
+    """Accumulates, over batches, the weighted sum of the reward gradients of each group of responses (the candidates
+    of one prompt), sum_i w_i J_i, and the group's total weight: the mean gradient J_mean of the relative variance.
+
+    Memory: (groups x P) for P Laplace weights, whatever the number of responses; the caller chooses how many groups
+    to hold at once. Before each forward-backward, `set_batch` says which group (and weight) each row belongs to.
+
+    Args:
+        num_groups: G, the number of groups accumulated.
+    """
+
+    def __init__(self, num_groups: int):
+        self.num_groups = num_groups
+        self.sums: dict[int, torch.Tensor] = {}
+        self.total_weight: torch.Tensor | None = None
+        self.groups: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None
+
+    def set_batch(self, groups: torch.Tensor, weights: torch.Tensor) -> None:
+        """`groups`: `(B,)` group index in [0, G) of each row of the next batch; `weights`: `(B,)`, e.g. how often
+        a deduplicated response was sampled."""
+        self.groups, self.weights = groups, weights
+        if self.total_weight is None:
+            self.total_weight = torch.zeros(self.num_groups, dtype=torch.float64)
+        self.total_weight.index_add_(0, groups.cpu(), weights.double().cpu())
+
+    def __call__(self, layer: LaplaceLayer, inputs: torch.Tensor, output_grads: torch.Tensor) -> None:
+        for index, jacobians in layer_gradients(layer, inputs, output_grads).items():
+            self.add(index, jacobians)
+
+    def add(self, index: int, jacobians: torch.Tensor) -> None:
+        if self.groups is None:
+            raise RuntimeError("GroupGradientSums.set_batch must be called before each batch.")
+        weighted = jacobians * self.weights.to(jacobians).reshape(-1, *[1] * (jacobians.dim() - 1))
+        if index not in self.sums:
+            self.sums[index] = jacobians.new_zeros(self.num_groups, *jacobians.shape[1:])
+        self.sums[index].index_add_(0, self.groups.to(jacobians.device), weighted)
+
+    def means(self) -> dict[int, torch.Tensor]:
+        """Per Laplace parameter, the groups' mean gradients `(G, *shape)`.
+
+        Raises:
+            ValueError: when a group received no weight (an empty group has no mean).
+        """
+        if self.total_weight is None or (self.total_weight <= 0).any():
+            raise ValueError("Every group needs at least one response with a positive weight for its mean gradient.")
+        return {
+            index: total / self.total_weight.to(total).reshape(-1, *[1] * (total.dim() - 1))
+            for index, total in self.sums.items()
+        }
+
+
+def fan_out(*consumers) -> LayerConsumer:
+    """One layer consumer that computes a layer's per-sample gradients once and hands them, parameter by parameter,
+    to several accumulators (each with an `add(index, jacobians)` method)."""
+
+    def consume(layer: LaplaceLayer, inputs: torch.Tensor, output_grads: torch.Tensor) -> None:
+        for index, jacobians in layer_gradients(layer, inputs, output_grads).items():
+            for consumer in consumers:
+                consumer.add(index, jacobians)
+
+    return consume
+
+
+def centered(means: dict[int, torch.Tensor], groups: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """A `GLMVariance` transform: J_i - J_mean(group of i), with `means[index]` `(G, *shape)` and `groups` `(B,)`."""
+
+    def transform(index: int, jacobians: torch.Tensor) -> torch.Tensor:
+        return jacobians - means[index].to(jacobians)[groups.to(jacobians.device)]
+
+    return transform
 
 
 def pair_difference(jacobians: torch.Tensor) -> torch.Tensor:
@@ -273,7 +351,7 @@ def glm_predictive(
     Returns:
         mean and variance, `(B,)` each, or `(B/2,)` of the reward differences with `pairs=True`.
     """
-    variance = GLMVariance(la, pair_difference if pairs else None)
+    variance = GLMVariance(la, (lambda index, jacobians: pair_difference(jacobians)) if pairs else None)
     rewards = forward_backward(model, layers, input_ids, attention_mask, variance)
     return (pair_difference(rewards) if pairs else rewards), variance.finish()
 

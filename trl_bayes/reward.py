@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from .laplace_lora import (
     without_input_require_grads_hooks,
 )
 from .per_sample import LaplaceLayer, glm_predictive, laplace_layers
+from .relative_variance import prompt_key, reference_gradient_means, relative_predict_ids
 
 POSTERIOR_WEIGHTS_NAME = "laplace_posterior.safetensors"
 POSTERIOR_CONFIG_NAME = "laplace_config.json"
@@ -150,6 +151,8 @@ class BayesianRewardModel:
         self.laplace = laplace
         self.metadata = metadata
         self.params = list(laplace.params)
+        # Mean reward gradients of reference completions per prompt key (`predict_relative(reference=...)`).
+        self.reference_cache: dict[str, dict[int, torch.Tensor]] = {}
 
     # -- properties ----------------------------------------------------------------------------------------------
     @property
@@ -287,6 +290,74 @@ class BayesianRewardModel:
             return torch.zeros(0), torch.zeros(0)
         return torch.cat(means), torch.cat(variances)
 
+    def predict_relative(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        batch_size: int = 16,
+        weights: Sequence[float] | torch.Tensor | None = None,
+        reference: Mapping[str, Sequence[Any]] | Callable[[Any], Sequence[Any]] | None = None,
+        progress_bar: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gaussian rewards with their relative variance: Var(r_i - mean_j r_j), j over the completions of the same
+        prompt (see `trl_bayes.relative_variance`). The prompt's unidentified reward offset cancels.
+
+        Args:
+            prompts, completions: one each per response; responses to an equal prompt form a group.
+            batch_size: responses per forward-backward pass.
+            weights: per response, its weight in its group's mean (e.g. how often a deduplicated sample was drawn);
+                `None` = 1 each.
+            reference: the group's mean is taken over a reference set instead of the scored completions: per prompt
+                (a mapping from `prompt_key(prompt)`, or a callable of the prompt), completions such as K samples of
+                the reference policy. Needed when a prompt comes with a single completion (PPO).
+            progress_bar: a tqdm bar over blocks of prompts.
+
+        Returns:
+            `mean`, `var` (marginal) and `relative_var`, float tensors of shape `(B,)` on the CPU.
+        """
+        if len(prompts) != len(completions):
+            raise ValueError(
+                f"Got {len(prompts)} prompts but {len(completions)} completions: pass one prompt per completion."
+            )
+        keys = [prompt_key(p) for p in prompts]
+        ids = [tokenize_response(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+        with scoring_mode(self.model):
+            reference_means = None
+            if reference is not None:
+                reference_means = self.reference_gradient_means(
+                    {key: p for key, p in zip(keys, prompts, strict=True)}, reference, batch_size
+                )
+            return relative_predict_ids(self, ids, keys, weights, reference_means, batch_size, progress_bar)
+
+    def reference_gradient_means(
+        self,
+        prompts: Mapping[str, Any],
+        reference: Mapping[str, Sequence[Any]] | Callable[[Any], Sequence[Any]],
+        batch_size: int = 16,
+    ) -> dict[str, dict[int, torch.Tensor]]:
+        """Per prompt key, the mean reward gradient of the prompt's reference completions (P floats per prompt), the
+        J_mean of `predict_relative(..., reference=...)`. Keys already in `self.reference_cache` are not recomputed.
+
+        Args:
+            prompts: `prompt_key(prompt) -> prompt` of the prompts needed.
+            reference: completions per prompt key (a mapping) or per prompt (a callable).
+        """
+        todo = {}
+        for key, prompt in prompts.items():
+            if key in self.reference_cache:
+                continue
+            if callable(reference):
+                completions = reference(prompt)
+            elif key in reference:
+                completions = reference[key]
+            else:
+                raise ValueError(f"`reference` has no completions for the prompt {key[:60]!r}.")
+            todo[key] = [tokenize_response(self.tokenizer, prompt, c) for c in completions]
+        if todo:
+            with scoring_mode(self.model):
+                self.reference_cache.update(reference_gradient_means(self, todo, batch_size))
+        return {key: self.reference_cache[key] for key in prompts}
+
     # -- serialization -------------------------------------------------------------------------------------------
     def save_posterior(self, directory: str | Path) -> None:
         """Write the posterior next to an adapter: tensors to safetensors, metadata to JSON (never pickle)."""
@@ -391,6 +462,10 @@ class BayesianRewardModel:
 # Penalties: pure functions over tensors of shape (M, B) = (ensemble members, responses).
 
 
+UNCERTAINTIES = ("marginal", "relative")
+"""Which variance a penalty uses: J Σ J^T, or that of the reward minus its prompt group's mean (`relative_variance`)."""
+
+
 class Penalty(str, Enum):
     """How a (possibly ensembled) Gaussian reward becomes one number per response."""
 
@@ -455,6 +530,15 @@ class PenalizedReward:
         penalty (`str`, *optional*, defaults to `"var"`): `"none"`, `"std"`, `"var"`, `"wco"` or `"uwo"`.
         k (`float`, *optional*, defaults to `1.0`): penalty strength (the λ of `"uwo"`).
         batch_size (`int`, *optional*, defaults to `16`): responses per forward pass.
+        uncertainty (`str`, *optional*, defaults to `"marginal"`): which variance the `std`/`var` penalties use.
+            `"marginal"`: Var(r_i) = J_i Σ J_i^T (the paper's). `"relative"`: Var(r_i - mean_j r_j) over the
+            completions of the same prompt in the call (Best-of-N's candidates, GRPO/RLOO's `num_generations`
+            group), or over `reference`'s completions when given; the prompt's unidentified reward offset cancels.
+            Costs a second forward-backward per response. Ensembles: per member, then combined.
+        reference (mapping or callable, *optional*): with `uncertainty="relative"`, completions per prompt (a mapping
+            from the prompt string, or a callable of the prompt) whose mean the reward is centered on, e.g. K samples
+            of the reference policy: for callers that score one completion per prompt (PPO). Their mean gradients
+            are cached per prompt (P floats each).
 
     Example:
     ```python
@@ -471,6 +555,8 @@ class PenalizedReward:
         penalty: Penalty | str = Penalty.VAR,
         k: float = 1.0,
         batch_size: int = 16,
+        uncertainty: str = "marginal",
+        reference: Mapping[str, Sequence[Any]] | Callable[[Any], Sequence[Any]] | None = None,
     ):
         self.models = [models] if isinstance(models, BayesianRewardModel) else list(models)
         if not self.models:
@@ -484,22 +570,41 @@ class PenalizedReward:
             raise ValueError(f"k must be >= 0, got {k}.")
         self.k = float(k)
         self.batch_size = batch_size
+        if uncertainty not in UNCERTAINTIES:
+            raise ValueError(f"Unknown uncertainty {uncertainty!r}: choose one of {list(UNCERTAINTIES)}.")
+        if reference is not None and uncertainty != "relative":
+            raise ValueError("`reference` centers the relative variance: set uncertainty='relative' to use it.")
+        self.uncertainty = uncertainty
+        self.reference = reference
 
     @property
     def needs_variance(self) -> bool:
         return self.penalty in (Penalty.STD, Penalty.VAR)
 
     def score(self, prompts: Sequence[Any], completions: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """All parts of the reward: `reward` `(B,)`, member `means`/`variances` `(M, B)`, combined `mean`/`var` `(B,)`."""
-        outputs = [
-            m.predict(prompts, completions, self.batch_size, return_var=self.needs_variance) for m in self.models
-        ]
+        """All parts of the reward: `reward` `(B,)`, member `means`/`variances` `(M, B)`, combined `mean`/`var` `(B,)`
+        (`variances`/`var` are the relative ones with `uncertainty="relative"`, then also `marginal_variances`)."""
+        if self.needs_variance and self.uncertainty == "relative":
+            # Per member: (mean, relative variance); the marginal variance comes free with it and is kept for logs.
+            triples = [
+                m.predict_relative(prompts, completions, self.batch_size, reference=self.reference)
+                for m in self.models
+            ]
+            outputs = [(mean, relative) for mean, _, relative in triples]
+            marginal = torch.stack([var for _, var, _ in triples])
+        else:
+            outputs = [
+                m.predict(prompts, completions, self.batch_size, return_var=self.needs_variance) for m in self.models
+            ]
+            marginal = None
         means = torch.stack([mean for mean, _ in outputs])
         variances = torch.stack([var for _, var in outputs]) if self.needs_variance else None
         parts = {"reward": penalized_reward(means, variances, self.penalty, self.k), "means": means}
         if variances is not None:
             parts["variances"] = variances
             parts["mean"], parts["var"] = combine_gaussians(means, variances)
+        if marginal is not None:
+            parts["marginal_variances"] = marginal
         return parts
 
     def __call__(
