@@ -20,7 +20,8 @@ The recipe, in stages (each cached under `<output_dir>/cache/`, so a run killed 
     accelerate launch recipes/bon.py --config recipes/configs/bon_pythia_alpacafarm.yaml  # paper scale, GPUs + Hub
     python recipes/bon.py --config recipes/configs/bon_pythia_alpacafarm.yaml --dry_run true  # print the plan only
 
-The k values of the penalties are fixed in the config before any result is seen; the recipe reports every k.
+The k values of the penalties are fixed in the config before any result is seen; the recipe reports every k, and
+each seed's choice of k made on the validation prompts (`num_validation_prompts`, never reported).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from world_stages import (
     recipe_parser,
     sample_pairs,
     train_proxies,
+    validation_prompts,
     with_default_config,
     world_settings,
     write_csv,
@@ -54,9 +56,14 @@ from world_stages import (
 
 RECIPE_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = RECIPE_DIR / "configs" / "bon.yaml"
-METHODS = ("MAP", "LA", "Ens", "Ens-WCO", "Ens-UWO", "LA-Ens")
+METHODS = ("MAP", "LA", "LA-rel", "Ens", "Ens-WCO", "Ens-UWO", "LA-Ens", "LA-Ens-rel")
 LAPLACE_PENALTIES = ("std", "var")
-ENSEMBLE_METHODS = ("Ens", "Ens-WCO", "Ens-UWO", "LA-Ens")
+ENSEMBLE_METHODS = ("Ens", "Ens-WCO", "Ens-UWO", "LA-Ens", "LA-Ens-rel")
+# Methods penalized by the relative variance Var(r_i - mean_j r_j) over the prompt's N candidates (trl_bayes.
+# relative_variance); the others by the marginal J Sigma J^T.
+RELATIVE_METHODS = ("LA-rel", "LA-Ens-rel")
+# Methods with a penalty strength k, chosen per seed on the validation prompts (`k_selection.csv`).
+SELECTED_METHODS = ("LA", "LA-rel", "LA-Ens", "LA-Ens-rel")
 # Summary stage name -> its cache folders (for the time their results took to compute).
 STAGE_CACHES = {
     "world + SFT policy": ["world/seconds.json"],
@@ -76,7 +83,11 @@ class BoNScriptArguments(WorldArguments):
     Parameters that control Best-of-N:
         num_eval_prompts (P), num_samples (N), ns, max_new_tokens, temperature, top_k, top_p.
         methods, penalties, ks, uwo_ks, plot_k: what the curves cover; `plot_k` is the k drawn in `bon_curves.png`
-            (every k goes to the CSV and the summary).
+            (every k goes to the CSV and the summary). `LA-rel` / `LA-Ens-rel` penalize the relative variance
+            Var(r_i - mean_j r_j) over the prompt's N candidates instead of the marginal one.
+        num_validation_prompts (in `WorldArguments`): held-out prompts, never reported, on which each seed chooses
+            its k from `ks` for LA, LA-rel, LA-Ens and LA-Ens-rel (the best gold at the largest n); those rows are
+            marked "k chosen on validation" in the summary.
     """
 
     # Best-of-N
@@ -194,7 +205,11 @@ def unique_responses(prompts: list[str], completions: list[list[str]]):
 
 
 def score_samples(args, eval_prompts, completions, held_out, members, gold, cache, state):
-    """Gold (P, N), and per proxy (mean, var) of shape (P, N) plus held-out pair differences (mean, var)."""
+    """Gold (P, N), and per proxy (mean, var[, rel_var]) of shape (P, N) plus held-out pair differences (mean, var).
+
+    `rel_var` (with a relative method in `--methods`) is Var(r_ij - mean_j' r_ij') over prompt i's N samples: each
+    process scores whole prompts (their distinct responses, weighted by how often each was drawn), then all gather.
+    """
     import numpy as np
 
     from trl_bayes import BayesianRewardModel
@@ -215,25 +230,42 @@ def score_samples(args, eval_prompts, completions, held_out, members, gold, cach
         state.wait_for_everyone()
     gold_scores = np.load(stage.path / "gold.npy")[inverse]
 
-    proxies = {}
+    relative = bool(set(args.methods) & set(RELATIVE_METHODS))
+    # Per prompt, its distinct responses and how often each was drawn (the weights of the relative variance's mean).
+    prompt_rows = [np.unique(row, return_counts=True) for row in inverse]
+    proxies, bar = {}, state.is_main_process
     for (s, j), member_dir in members.items():
-        key = {**samples_key, "member": json.loads((member_dir / "done.json").read_text())}
+        key = {**samples_key, "member": json.loads((member_dir / "done.json").read_text()), "relative": relative}
         stage = Stage(cache / "scores", f"seed{s}-member{j}", key)
         if not stage.done:
             model = BayesianRewardModel.from_pretrained(member_dir, device=state.device)
 
             def predict(p, c, model=model):
-                mean, var = model.predict(p, c, batch_size=args.score_batch_size, progress_bar=state.is_main_process)
+                mean, var = model.predict(p, c, batch_size=args.score_batch_size, progress_bar=bar)
                 return list(zip(mean.tolist(), var.tolist(), strict=True))
 
-            records = score_sharded(predict, u_prompts, u_completions, state)
+            def predict_relative(prompt_indices, model=model):
+                rows = np.concatenate([prompt_rows[i][0] for i in prompt_indices]).tolist()
+                counts = np.concatenate([prompt_rows[i][1] for i in prompt_indices]).tolist()
+                mean, var, rel = model.predict_relative(
+                    [u_prompts[u] for u in rows], [u_completions[u] for u in rows],
+                    batch_size=args.score_batch_size, weights=counts, progress_bar=bar,
+                )  # fmt: skip
+                return list(zip(rows, mean.tolist(), var.tolist(), rel.tolist(), strict=True))
+
+            if relative:
+                values = np.full((len(distinct), 3), np.nan)
+                for u, *record in shard_prompts(predict_relative, len(prompt_rows), state):
+                    values[u] = record
+            else:
+                values = np.asarray(score_sharded(predict, u_prompts, u_completions, state), dtype=np.float64)
             diff_mean, diff_var = model.predict_pairs(
                 held_out["prompt"], held_out["chosen"], held_out["rejected"], batch_size=args.score_batch_size
             )
             if state.is_main_process:
                 stage.start()
-                values = np.asarray(records, dtype=np.float64)
-                np.savez(stage.path / "scores.npz", mean=values[:, 0], var=values[:, 1],
+                extra = {"rel_var": values[:, 2]} if relative else {}
+                np.savez(stage.path / "scores.npz", mean=values[:, 0], var=values[:, 1], **extra,
                          pair_mean=diff_mean.double().numpy(), pair_var=diff_var.double().numpy())  # fmt: skip
                 stage.finish()
             state.wait_for_everyone()
@@ -244,7 +276,18 @@ def score_samples(args, eval_prompts, completions, held_out, members, gold, cach
             "pair_mean": data["pair_mean"],
             "pair_var": data["pair_var"],
         }
+        if relative:
+            proxies[s, j]["rel_var"] = np.clip(data["rel_var"][inverse], 0.0, None)
     return gold_scores, proxies
+
+
+def shard_prompts(score_fn, num_prompts: int, state) -> list:
+    """`score_fn(prompt_indices)` -> list of records, with whole prompts split over processes, gathered."""
+    from accelerate.utils import gather_object
+
+    with state.split_between_processes(list(range(num_prompts))) as local:
+        records = score_fn(list(local)) if len(local) else []
+    return gather_object(records) if state.num_processes > 1 else records
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -263,7 +306,7 @@ def method_specs(args: BoNScriptArguments) -> list[tuple[str, str, float]]:
             specs.append(("Ens-WCO", "wco", 0.0))
         elif method == "Ens-UWO":
             specs.extend(("Ens-UWO", "uwo", k) for k in args.uwo_ks)
-        else:  # LA, LA-Ens
+        else:  # LA, LA-rel, LA-Ens, LA-Ens-rel
             specs.extend((method, p, k) for p in args.penalties for k in args.ks)
     return specs
 
@@ -271,29 +314,34 @@ def method_specs(args: BoNScriptArguments) -> list[tuple[str, str, float]]:
 def method_scores(method: str, penalty: str, k: float, members: list[dict]) -> tuple:
     """(rank scores, proxy scores) of shape (P, N) for one method over one seed's ensemble (member 0 = MAP / LA).
 
-    The proxy score is the method's unpenalized reward: the member's MAP reward, or the ensemble's mean.
+    The proxy score is the method's unpenalized reward: the member's MAP reward, or the ensemble's mean. The relative
+    methods penalize with the members' relative variances (`rel_var`), the others with the marginal ones.
     """
     import numpy as np
     import torch
 
     from trl_bayes import penalized_reward
 
-    used = members[:1] if method in ("MAP", "LA") else members
+    used = members[:1] if method in ("MAP", "LA", "LA-rel") else members
     shape = used[0]["mean"].shape
     means = torch.from_numpy(np.stack([m["mean"].ravel() for m in used]))
-    variances = torch.from_numpy(np.stack([m["var"].ravel() for m in used]))
+    column = "rel_var" if method in RELATIVE_METHODS else "var"
+    variances = torch.from_numpy(np.stack([m[column].ravel() for m in used]))
     torch_penalty = {"none": "none", "mean": "none", "wco": "wco", "uwo": "uwo"}.get(penalty, penalty)
     rank = penalized_reward(means, variances, torch_penalty, k).numpy().reshape(shape)
     proxy = means.mean(0).numpy().reshape(shape)
     return rank, proxy
 
 
-def compute_curves(args, gold_scores, proxies) -> list[dict[str, Any]]:
+def compute_curves(args, gold_scores, proxies, prompts: slice = slice(None)) -> list[dict[str, Any]]:
+    """Proxy and gold reward of every method at every n, on the held-out prompts in `prompts` (rows of the arrays)."""
     from trl_bayes import best_of_n_estimate, kl_best_of_n
 
+    gold_scores = gold_scores[prompts]
     rows = []
     for seed in args.seeds:
-        members = [proxies[seed, j] for j in range(args.ensemble_size)]
+        members = [{key: value[prompts] for key, value in proxies[seed, j].items() if key in ("mean", "var", "rel_var")}
+                   for j in range(args.ensemble_size)]  # fmt: skip
         for method, penalty, k in method_specs(args):
             rank, proxy = method_scores(method, penalty, k, members)
             gold_curve = best_of_n_estimate(rank, gold_scores, args.ns)
@@ -304,25 +352,55 @@ def compute_curves(args, gold_scores, proxies) -> list[dict[str, Any]]:
     return rows
 
 
+def select_ks(args, validation_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per seed, method (LA, LA-rel, LA-Ens, LA-Ens-rel) and penalty: the k of `ks` with the best gold at the largest
+    n on the validation prompts (ties: the smaller k). One row per candidate k, `chosen` marking the pick."""
+    n_max = args.ns[-1]
+    out = []
+    for seed in args.seeds:
+        for method in [m for m in args.methods if m in SELECTED_METHODS]:
+            for penalty in args.penalties:
+                gold = {r["k"]: r["gold_reward"] for r in validation_rows
+                        if (r["seed"], r["method"], r["penalty"], r["n"]) == (seed, method, penalty, n_max)}  # fmt: skip
+                best = max(sorted(gold), key=lambda k: (gold[k], -k))
+                out.extend({"seed": seed, "method": method, "penalty": penalty, "k": k,
+                            "validation_gold_at_max_n": gold[k], "chosen": k == best} for k in sorted(gold))  # fmt: skip
+    return out
+
+
 def curve_label(method: str, penalty: str, k: float) -> str:
     return method if penalty in ("none", "mean", "wco") else f"{method} ({penalty}, k={k:g})"
 
 
-def aggregate(rows: list[dict[str, Any]], args) -> list[dict[str, Any]]:
-    """Per (method, penalty, k): gold at the largest n and at the best n, mean and std over seeds."""
+def aggregate(rows: list[dict[str, Any]], args, selection: list[dict[str, Any]] | None = None) -> list[dict]:
+    """Per (method, penalty, k), and per (method, penalty) with each seed's k chosen on validation: gold at the largest
+    n and at the best n per seed (arrays over seeds, in the order of `args.seeds`)."""
     import numpy as np
 
-    table = []
-    for method, penalty, k in method_specs(args):
-        mine = [r for r in rows if (r["method"], r["penalty"], r["k"]) == (method, penalty, k)]
-        gold = np.array([[r["gold_reward"] for r in mine if r["seed"] == s] for s in args.seeds])  # (seeds, ns)
-        proxy = np.array([[r["proxy_reward"] for r in mine if r["seed"] == s] for s in args.seeds])
-        best = gold.max(axis=1)
-        best_n = [args.ns[i] for i in gold.argmax(axis=1)]
-        table.append({
-            "label": curve_label(method, penalty, k), "method": method, "penalty": penalty, "k": k,
-            "gold_last": gold[:, -1], "gold_best": best, "best_n": best_n, "proxy_last": proxy[:, -1],
-        })  # fmt: skip
+    def curves(method, penalty, ks_per_seed, column):
+        return np.array(
+            [
+                [r[column] for r in rows if (r["method"], r["penalty"], r["k"], r["seed"]) == (method, penalty, k, s)]
+                for s, k in zip(args.seeds, ks_per_seed, strict=True)
+            ]
+        )  # fmt: skip  (seeds, ns)
+
+    def entry(label, method, penalty, k, ks_per_seed):
+        gold, proxy = (
+            curves(method, penalty, ks_per_seed, "gold_reward"),
+            curves(method, penalty, ks_per_seed, "proxy_reward"),
+        )
+        return {"label": label, "method": method, "penalty": penalty, "k": k, "ks": list(ks_per_seed),
+                "gold_last": gold[:, -1], "gold_best": gold.max(axis=1),
+                "best_n": [args.ns[i] for i in gold.argmax(axis=1)], "proxy_last": proxy[:, -1]}  # fmt: skip
+
+    table = [entry(curve_label(m, p, k), m, p, k, [k] * len(args.seeds)) for m, p, k in method_specs(args)]
+    for method in [m for m in args.methods if m in SELECTED_METHODS] if selection else []:
+        for penalty in args.penalties:
+            chosen = {r["seed"]: r["k"] for r in selection
+                      if r["chosen"] and (r["method"], r["penalty"]) == (method, penalty)}  # fmt: skip
+            ks = [chosen[s] for s in args.seeds]
+            table.append(entry(f"{method} ({penalty}, k chosen on validation)", method, penalty, "val", ks))
     return table
 
 
@@ -362,41 +440,80 @@ def plot_curves(path: Path, rows: list[dict[str, Any]], args) -> None:
     plt.close(fig)
 
 
-def diagnostics(args, gold_scores, proxies, held_out) -> tuple[list[dict], list[dict]]:
-    """Held-out pair metrics of MAP vs LA per seed, and std-vs-error correlations along n on the BoN samples."""
+def diagnostics(args, gold_scores, proxies, held_out, completions) -> tuple[list[dict], list[dict], list[dict]]:
+    """On the reported prompts: held-out pair metrics of MAP vs LA per seed; per seed and variance (marginal, and
+    relative when scored), the std-vs-proxy-error correlations along n; and the std against the completion's length.
+
+    Returns:
+        pair rows, along-n rows (`seed`, `uncertainty`, ... of `uncertainty_along_n`), and length rows (`seed`,
+        `uncertainty`, `words`, `num_responses`, `mean_z_std`: the std standardized within each prompt, averaged over
+        the responses of that length; `corr_within` repeats the within-prompt correlation of std and length).
+    """
     import numpy as np
     import torch
 
-    from trl_bayes.diagnostics import pair_metrics, uncertainty_along_n
+    from trl_bayes.diagnostics import pair_metrics, uncertainty_along_n, within_prompt_correlation
 
+    words = np.array([[len(c.split()) for c in row] for row in completions])
     # The held-out pairs are noiseless; which response is chosen is the gold's verdict.
-    pair_rows, along_n = [], []
+    pair_rows, along_n, length_rows = [], [], []
     for seed in args.seeds:
         member = proxies[seed, 0]
         metrics = pair_metrics(torch.from_numpy(member["pair_mean"]), torch.from_numpy(member["pair_var"]))
         pair_rows.append({"seed": seed, **metrics})
-        for row in uncertainty_along_n(member["mean"], np.sqrt(member["var"]), gold_scores, args.ns):
-            along_n.append({"seed": seed, **row})
-    return pair_rows, along_n
+        for uncertainty, column in (("marginal", "var"), ("relative", "rel_var")):
+            if column not in member:
+                continue
+            std = np.sqrt(member[column])
+            for row in uncertainty_along_n(member["mean"], std, gold_scores, args.ns):
+                along_n.append({"seed": seed, "uncertainty": uncertainty, **row})
+            centered = std - std.mean(1, keepdims=True)
+            z_std = centered / np.where(std.std(1, keepdims=True) > 0, std.std(1, keepdims=True), 1.0)
+            corr = within_prompt_correlation(std, words)
+            for length in np.unique(words):
+                mask = words == length
+                length_rows.append({"seed": seed, "uncertainty": uncertainty, "words": int(length),
+                                    "num_responses": int(mask.sum()), "mean_z_std": float(z_std[mask].mean()),
+                                    "corr_within": corr})  # fmt: skip
+    return pair_rows, along_n, length_rows
 
 
-def plot_diagnostics(path: Path, along_n: list[dict], args) -> None:
+def plot_diagnostics(path: Path, along_n: list[dict], length_rows: list[dict], args) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for seed in args.seeds:
-        mine = [r for r in along_n if r["seed"] == seed]
-        ns = [r["n"] for r in mine]
-        axes[0].plot(ns, [r["corr_std_error"] for r in mine], marker=".", label=f"seed {seed}")
-        axes[1].plot(ns, [r["mean_error"] for r in mine], marker=".", label=f"seed {seed}")
-    axes[0].set_title("corr(LA std, proxy error) among each prompt's top N/n")
-    axes[1].set_title("mean proxy error z(proxy) - z(gold), same responses")
-    for ax in axes:
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    uncertainties = list(dict.fromkeys(r["uncertainty"] for r in along_n))
+    for uncertainty, style in zip(uncertainties, ("-", "--"), strict=False):
+        for ax, column in zip(axes[:2], ("corr_std_error_within", "corr_std_error"), strict=True):
+            values = np.array([[r[column] for r in along_n if (r["seed"], r["uncertainty"]) == (s, uncertainty)]
+                               for s in args.seeds])  # fmt: skip
+            mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
+            (line,) = ax.plot(args.ns, mean, style, marker=".", label=f"{uncertainty} std")
+            ax.fill_between(args.ns, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        mine = [r for r in length_rows if r["uncertainty"] == uncertainty]
+        lengths = sorted({r["words"] for r in mine})
+        # Response-weighted mean over seeds of the within-prompt z-scored std, per completion length.
+        z = [np.average([r["mean_z_std"] for r in mine if r["words"] == w],
+                        weights=[r["num_responses"] for r in mine if r["words"] == w]) for w in lengths]  # fmt: skip
+        axes[2].plot(
+            lengths,
+            z,
+            style,
+            marker=".",
+            label=f"{uncertainty} std (corr {np.mean([r['corr_within'] for r in mine]):+.2f})",
+        )
+    axes[0].set_title("within-prompt corr(std, proxy error)\namong each prompt's top N/n (mean ± std over seeds)")
+    axes[1].set_title("pooled corr(std, proxy error), same responses")
+    axes[2].set_title("std standardized within its prompt, by completion length")
+    for ax in axes[:2]:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("n")
+    axes[2].set_xlabel("completion length (words)")
+    for ax in axes:
         ax.axhline(0, color="gray", lw=0.8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -412,46 +529,82 @@ def fmt(values) -> str:
     return f"{values.mean():.3f} ± {values.std():.3f}"
 
 
-def write_summary(path: Path, args, table, pair_rows, along_n, seconds, computed_seconds, sources) -> None:
+def write_summary(path: Path, args, table, selection, pair_rows, along_n, length_rows, seconds, computed_seconds,
+                  sources) -> None:  # fmt: skip
     import numpy as np
 
+    n_max = args.ns[-1]
     lines = [
         "# Best-of-N with Bayesian reward models",
         "",
         f"- policy: {sources['policy']}; gold reward: {sources['gold']}",
         f"- proxies: {sources['proxy']}, {args.num_train_pairs} training pairs ({args.label_noise:.0%} labels "
         f"flipped), {args.ensemble_size} members per ensemble, seeds {args.seeds}",
-        f"- Best-of-n: {args.num_eval_prompts} held-out prompts x {args.num_samples} samples, n = {args.ns[0]}..{args.ns[-1]},"
+        f"- Best-of-n: {args.num_eval_prompts} held-out prompts x {args.num_samples} samples, n = {args.ns[0]}..{n_max},"
         " unbiased estimator (every n from one set of samples)",
-        f"- penalty strengths fixed in the config before the run: k in {args.ks} (LA, LA-Ens), {args.uwo_ks} (Ens-UWO)",
+        f"- penalty strengths fixed in the config before the run: k in {args.ks} (LA, LA-rel, LA-Ens, LA-Ens-rel), "
+        f"{args.uwo_ks} (Ens-UWO)",
+        f"- `-rel`: penalized by the relative variance Var(r_i - mean_j r_j) over the prompt's {args.num_samples} "
+        "samples instead of the marginal variance J Σ J^T",
+    ]
+    if selection:
+        lines.append(f"- 'k chosen on validation': each seed's k from {args.ks} with the best gold at n={n_max} on "
+                     f"{args.num_validation_prompts} validation prompts (held out, never reported; `k_selection.csv`)")  # fmt: skip
+    mp = next((t for t in table if t["method"] == "MAP"), None)
+    lines += [
         "",
-        f"## Gold reward (mean ± std over {len(args.seeds)} seeds)",
+        f"## Gold reward (mean ± std over {len(args.seeds)} seeds; Δ = paired difference to MAP, same seed)",
         "",
-        f"| method | gold at n={args.ns[-1]} | best gold over n | best n (per seed) | proxy at n={args.ns[-1]} |",
-        "|---|---|---|---|---|",
+        f"| method | gold at n={n_max} | Δ at n={n_max} | best gold over n | Δ best | best n (per seed) | "
+        f"proxy at n={n_max} |",
+        "|---|---|---|---|---|---|---|",
     ]
     for t in table:
-        lines.append(
-            f"| {t['label']} | {fmt(t['gold_last'])} | {fmt(t['gold_best'])} | {t['best_n']} | {fmt(t['proxy_last'])} |"
-        )
-    mp = next((t for t in table if t["method"] == "MAP"), None)
+        delta_last = fmt(t["gold_last"] - mp["gold_last"]) if mp is not None else ""
+        delta_best = fmt(t["gold_best"] - mp["gold_best"]) if mp is not None else ""
+        label = t["label"] + (f" → k = {t['ks']}" if t["k"] == "val" else "")
+        lines.append(f"| {label} | {fmt(t['gold_last'])} | {delta_last} | {fmt(t['gold_best'])} | {delta_best} | "
+                     f"{t['best_n']} | {fmt(t['proxy_last'])} |")  # fmt: skip
     if mp is not None:
-        lines += ["", f"MAP overoptimization: gold at the best n minus gold at n={args.ns[-1]} = "
+        lines += ["", f"MAP overoptimization: gold at the best n minus gold at n={n_max} = "
                   f"{fmt(mp['gold_best'] - mp['gold_last'])} (positive: gold falls while the proxy rises)."]  # fmt: skip
+    if selection:
+        lines += ["", f"## k chosen on the validation prompts (gold at n={n_max} there, per seed)", "",
+                  "| method | penalty | " + " | ".join(f"seed {s}" for s in args.seeds) + " |",
+                  "|---|---|" + "---|" * len(args.seeds)]  # fmt: skip
+        for method in dict.fromkeys(r["method"] for r in selection):
+            for penalty in args.penalties:
+                cells = []
+                for seed in args.seeds:
+                    mine = [r for r in selection if (r["method"], r["penalty"], r["seed"]) == (method, penalty, seed)]
+                    pick = next(r for r in mine if r["chosen"])
+                    cells.append(f"k={pick['k']:g} ({pick['validation_gold_at_max_n']:.2f})")
+                lines.append(f"| {method} | {penalty} | " + " | ".join(cells) + " |")
     lines += ["", "## Held-out pairs (noiseless gold labels): MAP vs LA (each seed's member 0)", "",
               "| seed | accuracy | BT NLL MAP | BT NLL LA | ECE MAP | ECE LA |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in pair_rows:
         lines.append(f"| {r['seed']} | {r['map_accuracy']:.3f} | {r['map_nll']:.4f} | {r['laplace_probit_nll']:.4f} | "
                      f"{r['map_ece']:.4f} | {r['laplace_ece']:.4f} |")  # fmt: skip
+    uncertainties = list(dict.fromkeys(r["uncertainty"] for r in along_n))
     lines += ["", "## Does the LA std flag the proxy's errors? (BoN samples, each seed's member 0)", "",
-              "Correlation between the LA std and the proxy's error z(proxy) - z(gold), among each prompt's top",
+              "Correlation between the LA std and the proxy's error z(proxy) - z(gold) among each prompt's top",
               "ceil(N/n) samples by the MAP proxy (n = 1: all samples); positive = the penalty hits overrated responses.",
-              "", "| n | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean error |",
-              "|---|" + "---|" * (len(args.seeds) + 1)]  # fmt: skip
+              "`within`: computed within each prompt, then averaged (what a ranking within a prompt sees); `pooled`:",
+              "over all prompts' responses at once. Mean over seeds.", "",
+              "| n | " + " | ".join(f"{u} within | {u} pooled" for u in uncertainties) + " | mean error |",
+              "|---|" + "---|---|" * len(uncertainties) + "---|"]  # fmt: skip
     for n in args.ns:
-        mine = [r for r in along_n if r["n"] == n]
-        cells = " | ".join(f"{r['corr_std_error']:+.3f}" for r in mine)
-        lines.append(f"| {n} | {cells} | {np.mean([r['mean_error'] for r in mine]):+.3f} |")
+        cells = []
+        for u in uncertainties:
+            mine = [r for r in along_n if (r["n"], r["uncertainty"]) == (n, u)]
+            within = np.array([r["corr_std_error_within"] for r in mine])
+            within_cell = "n/a" if np.isnan(within).all() else f"{np.nanmean(within):+.3f}"
+            cells.append(f"{within_cell} | {np.mean([r['corr_std_error'] for r in mine]):+.3f}")
+        errors = [r["mean_error"] for r in along_n if (r["n"], r["uncertainty"]) == (n, uncertainties[0])]
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {np.mean(errors):+.3f} |")
+    lines += ["", "Within-prompt correlation of the std with the completion's length (words), mean over seeds: "
+              + ", ".join(f"{u} {np.mean([r['corr_within'] for r in length_rows if r['uncertainty'] == u]):+.3f}"
+                          for u in uncertainties) + "."]  # fmt: skip
     lines += ["", "## Time per stage (s)", "",
               "`this run`: wall time here (a cached stage only loads); `computed`: the time its cached results took",
               "when they were computed (`cache/*/seconds.json`).", "",
@@ -459,8 +612,8 @@ def write_summary(path: Path, args, table, pair_rows, along_n, seconds, computed
     for stage, value in seconds.items():
         computed = computed_seconds.get(stage)
         lines.append(f"| {stage} | {value:.1f} | {'' if computed is None else f'{computed:.1f}'} |")
-    lines += ["", "Files: `bon_results.csv`, `bon_curves.png`, `bon_diagnostics.csv`, `bon_diagnostics.png`, "
-              "`pair_metrics.csv`, cached stages in `cache/`."]  # fmt: skip
+    lines += ["", "Files: `bon_results.csv`, `bon_curves.png`, `k_selection.csv`, `bon_diagnostics.csv`, "
+              "`bon_length.csv`, `bon_diagnostics.png`, `pair_metrics.csv`, cached stages in `cache/`."]  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -509,26 +662,38 @@ def main(args: BoNScriptArguments, training_args, model_args) -> None:
     cache = output_dir / "cache"
     gold = load_gold_reward(args, accelerator.device)  # before any long work: a bad gold fails here
     train_prompts, eval_prompts, policy_path = build_world(args, cache, state)
+    # Validation prompts are sampled and scored with the reported ones, but only choose k: rows [P:] of the arrays.
+    held_prompts = eval_prompts + validation_prompts(args, cache)
+    reported, validation = slice(0, len(eval_prompts)), slice(len(eval_prompts), None)
     clock.lap("world + SFT policy")
     train_pairs, held_out = sample_pairs(args, train_prompts, eval_prompts, policy_path, gold, cache, accelerator)
     clock.lap("preference pairs")
     members = train_proxies(args, training_args, model_args, train_pairs, policy_path, cache, state)
     clock.lap("proxies (MAP + Laplace fit)")
-    completions = sample_best_of_n(args, eval_prompts, policy_path, cache, accelerator)
+    completions = sample_best_of_n(args, held_prompts, policy_path, cache, accelerator)
     clock.lap("Best-of-N samples")
-    gold_scores, proxies = score_samples(args, eval_prompts, completions, held_out, members, gold, cache, state)
+    gold_scores, proxies = score_samples(args, held_prompts, completions, held_out, members, gold, cache, state)
     clock.lap("scores (gold + proxies)")
     if state.is_main_process:
-        rows = compute_curves(args, gold_scores, proxies)
+        rows = compute_curves(args, gold_scores, proxies, reported)
         write_csv(output_dir / "bon_results.csv", rows, CSV_COLUMNS)
         plot_curves(output_dir / "bon_curves.png", rows, args)
-        pair_rows, along_n = diagnostics(args, gold_scores, proxies, held_out)
+        selection = None
+        if args.num_validation_prompts and set(args.methods) & set(SELECTED_METHODS):
+            selection = select_ks(args, compute_curves(args, gold_scores, proxies, validation))
+            write_csv(output_dir / "k_selection.csv", selection, list(selection[0]))
+        reported_proxies = {key: {c: v[reported] if c in ("mean", "var", "rel_var") else v for c, v in member.items()}
+                            for key, member in proxies.items()}  # fmt: skip
+        pair_rows, along_n, length_rows = diagnostics(
+            args, gold_scores[reported], reported_proxies, held_out, completions[reported]
+        )
         write_csv(output_dir / "pair_metrics.csv", pair_rows, list(pair_rows[0]))
         write_csv(output_dir / "bon_diagnostics.csv", along_n, list(along_n[0]))
-        plot_diagnostics(output_dir / "bon_diagnostics.png", along_n, args)
+        write_csv(output_dir / "bon_length.csv", length_rows, list(length_rows[0]))
+        plot_diagnostics(output_dir / "bon_diagnostics.png", along_n, length_rows, args)
         clock.lap("curves + diagnostics")
         seconds = clock.finish()
-        table = aggregate(rows, args)
+        table = aggregate(rows, args, selection)
         sources = {
             "policy": args.policy_name_or_path or "offline SFT policy (tiny GPT-NeoX)",
             "gold": "the offline world's known function" if args.gold_reward == "world" else args.gold_reward,
@@ -539,7 +704,8 @@ def main(args: BoNScriptArguments, training_args, model_args) -> None:
         for stage, patterns in STAGE_CACHES.items():
             files = [f for pattern in patterns for f in cache.glob(pattern)]
             computed[stage] = sum(json.loads(f.read_text()) for f in files) if files else None
-        write_summary(output_dir / "summary.md", args, table, pair_rows, along_n, seconds, computed, sources)
+        write_summary(output_dir / "summary.md", args, table, selection, pair_rows, along_n, length_rows, seconds,
+                      computed, sources)  # fmt: skip
         write_run_record(output_dir, args)
         print(f"Results in {output_dir}: bon_results.csv, bon_curves.png, summary.md, diagnostics.")
     accelerator.wait_for_everyone()

@@ -63,6 +63,8 @@ class GRPOScriptArguments(WorldArguments):
     Parameters:
         trainer: `grpo` (TRL's GRPOTrainer) or `rloo` (TRL's RLOOTrainer).
         methods, penalty, k: MAP and LA (`penalty` with strength `k`, fixed before the run).
+        uncertainty: the variance LA penalizes: `marginal` (J Σ J^T) or `relative` (Var(r_i - mean_j r_j) over the
+            `num_generations` completions of the prompt, which TRL scores together).
         grpo_steps, grpo_prompts_per_step, num_generations, grpo_learning_rate, beta (KL coefficient; 0 = none, the
         paper's setting), grpo_temperature, grpo_eval_steps, num_eval_generations, cache_dir, num_threads.
     """
@@ -71,6 +73,7 @@ class GRPOScriptArguments(WorldArguments):
     methods: list[str] = field(default_factory=lambda: ["MAP", "LA"], metadata={"help": f"Subset of {METHODS}."})
     penalty: str = field(default="std", metadata={"help": "LA penalty: std or var."})
     k: float = field(default=1.0, metadata={"help": "Penalty strength, fixed before the run."})
+    uncertainty: str = field(default="marginal", metadata={"help": "LA variance: marginal or relative."})
     cache_dir: str | None = field(default=None, metadata={"help": "Cached stages (default <output_dir>/cache)."})
     grpo_steps: int = field(default=20, metadata={"help": "Optimizer steps per run."})
     grpo_prompts_per_step: int = field(default=8, metadata={"help": "Prompts per step (per process)."})
@@ -92,6 +95,8 @@ class GRPOScriptArguments(WorldArguments):
             raise ValueError(f"--trainer {self.trainer!r}: choose 'grpo' or 'rloo'.")
         if self.penalty not in ("std", "var") or self.k < 0:
             raise ValueError(f"--penalty {self.penalty!r} / --k {self.k}: penalty 'std' or 'var', k >= 0.")
+        if self.uncertainty not in ("marginal", "relative"):
+            raise ValueError(f"--uncertainty {self.uncertainty!r}: choose 'marginal' or 'relative'.")
         if self.num_generations < 2:
             raise ValueError(f"--num_generations {self.num_generations}: a group needs >= 2 completions.")
         if self.grpo_steps < 1 or self.grpo_eval_steps < 1:
@@ -141,7 +146,10 @@ class GoldEvaluation:
             [row[: int(m.sum())] for row, m in zip(completions.tolist(), mask, strict=True)], skip_special_tokens=True
         )
         gold = self.gold(prompts=self.prompts, completions=texts)
-        proxy = self.proxy.score(self.prompts, texts)["means"].mean(0)  # the MAP reward, unpenalized
+        # The MAP reward, unpenalized (no variance needed).
+        proxy = torch.stack([m.predict(self.prompts, texts, 64, return_var=False)[0] for m in self.proxy.models]).mean(
+            0
+        )
         return {"kl": kl, "gold_reward": sum(gold) / len(gold), "proxy_reward": proxy.mean().item()}
 
 
@@ -153,14 +161,18 @@ def run_grpo(args, training_args, method, seed, proxy_dir, policy_path, prompts,
 
     from trl_bayes import BayesianRewardModel, PenalizedReward
 
-    key = {"world": world_settings(args), "method": [method, args.penalty, args.k], "seed": seed,
+    method_key = [method, args.penalty, args.k] + (
+        ["relative"] if method != "MAP" and args.uncertainty == "relative" else []
+    )
+    key = {"world": world_settings(args), "method": method_key, "seed": seed,
            "grpo": {k: v for k, v in asdict(args).items() if k.startswith(("grpo_", "num_gen", "beta", "trainer"))},
            "proxy": json.loads((proxy_dir / "done.json").read_text()), "max_new_tokens": args.max_new_tokens}  # fmt: skip
     stage = Stage(cache / args.trainer, f"{method}-seed{seed}", key)
     if not stage.done:
         model = BayesianRewardModel.from_pretrained(proxy_dir, device=state.device)
         penalty = "none" if method == "MAP" else args.penalty
-        reward = PenalizedReward(model, penalty=penalty, k=args.k, batch_size=64)
+        uncertainty = "marginal" if method == "MAP" else args.uncertainty
+        reward = PenalizedReward(model, penalty=penalty, k=args.k, batch_size=64, uncertainty=uncertainty)
         evaluation = GoldEvaluation(args, policy_path, prompts[1], gold, reward, state.device)
         records: list[dict[str, Any]] = []
         times: list[float] = []

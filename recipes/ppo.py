@@ -38,7 +38,9 @@ from world_stages import (
     WorldArguments,
     build_world,
     check_output_dir,
+    generation_config,
     load_gold_reward,
+    load_policy,
     make_accelerator,
     normalize_lora_targets,
     recipe_parser,
@@ -65,6 +67,10 @@ class PPOScriptArguments(WorldArguments):
 
     Parameters that control the comparison:
         methods, penalty, k: MAP, LA (`penalty` with strength `k`), LA-Ens; k fixed before the run.
+        uncertainty, num_reference_samples: the variance LA / LA-Ens penalize: `marginal` (J Σ J^T, the paper's) or
+            `relative` (Var(r - mean of the prompt's reference completions): PPO scores one completion per prompt, so
+            the group is `num_reference_samples` samples of the SFT (reference) policy per prompt, drawn once and
+            cached; their mean reward gradients are computed once per prompt).
         cache_dir: where the cached stages live (default `<output_dir>/cache`).
 
     Parameters that control PPO (see `trl_bayes.PPOConfig`):
@@ -76,6 +82,10 @@ class PPOScriptArguments(WorldArguments):
     methods: list[str] = field(default_factory=lambda: ["MAP", "LA"], metadata={"help": f"Subset of {METHODS}."})
     penalty: str = field(default="std", metadata={"help": "LA / LA-Ens penalty: std or var."})
     k: float = field(default=1.0, metadata={"help": "Penalty strength, fixed before the run."})
+    uncertainty: str = field(default="marginal", metadata={"help": "LA / LA-Ens variance: marginal or relative."})
+    num_reference_samples: int = field(
+        default=8, metadata={"help": "relative: reference-policy samples per prompt that the reward is centered on."}
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Cached stages (default <output_dir>/cache)."})
     # PPO
     ppo_steps: int = field(default=40, metadata={"help": "PPO steps per run."})
@@ -106,6 +116,10 @@ class PPOScriptArguments(WorldArguments):
             raise ValueError(f"--penalty {self.penalty!r}: choose 'std' or 'var'.")
         if self.k < 0:
             raise ValueError(f"--k {self.k}: must be >= 0.")
+        if self.uncertainty not in ("marginal", "relative"):
+            raise ValueError(f"--uncertainty {self.uncertainty!r}: choose 'marginal' or 'relative'.")
+        if self.uncertainty == "relative" and self.num_reference_samples < 1:
+            raise ValueError("--num_reference_samples must be >= 1 with --uncertainty relative.")
         if "LA-Ens" in self.methods and self.ensemble_size < 2:
             raise ValueError(f"--ensemble_size {self.ensemble_size}: LA-Ens needs >= 2 members; raise it or drop it.")
         if self.ppo_steps < 1 or self.ppo_eval_steps < 1 or self.ppo_save_steps < 1:
@@ -123,7 +137,10 @@ class PPOScriptArguments(WorldArguments):
 
 
 def method_label(method: str, args: PPOScriptArguments) -> str:
-    return method if method == "MAP" else f"{method} ({args.penalty}, k={args.k:g})"
+    if method == "MAP":
+        return method
+    relative = ", relative" if args.uncertainty == "relative" else ""
+    return f"{method} ({args.penalty}, k={args.k:g}{relative})"
 
 
 def ppo_config(args: PPOScriptArguments, training_args, output_dir: Path, seed: int):
@@ -147,11 +164,36 @@ def ppo_key(args, method: str, seed: int, proxy_dirs: list[Path]) -> dict[str, A
     ppo = {name: value for name, value in asdict(args).items() if name.startswith(("ppo_", "kl_", "vf_"))}
     extra = [args.max_new_tokens, args.missing_eos_penalty, args.policy_lora_r, args.num_eval_generations]
     proxies = [json.loads((d / "done.json").read_text()) for d in proxy_dirs]
+    if method != "MAP" and args.uncertainty == "relative":
+        extra += ["relative", args.num_reference_samples]
     return {"world": world_settings(args), "method": [method, args.penalty, args.k], "seed": seed, "ppo": ppo,
             "extra": extra, "proxies": proxies, "gold": args.gold_reward}  # fmt: skip
 
 
-def run_ppo(args, training_args, method, seed, proxy_dirs, policy_path, prompts, gold, cache, state):
+def sample_reference(args, prompts: list[str], policy_path: str, cache: Path, accelerator) -> dict[str, list[str]]:
+    """`num_reference_samples` completions of the SFT (reference) policy per prompt, drawn once (cached): the group
+    the relative variance centers a PPO completion on."""
+    from trl_bayes import BestOfNSampler
+
+    key = {"world": world_settings(args), "K": args.num_reference_samples, "max_new_tokens": args.max_new_tokens,
+           "sampling": [args.temperature, args.top_k, args.top_p]}  # fmt: skip
+    stage = Stage(cache, "reference_samples", key)
+    if not stage.done:
+        policy, tokenizer = load_policy(policy_path, accelerator.device)
+        sampler = BestOfNSampler(
+            policy, tokenizer, n=args.num_reference_samples, generation_config=generation_config(args), seed=4321,
+            accelerator=accelerator,
+        )  # fmt: skip
+        completions = sampler.generate(prompts)
+        if accelerator.is_main_process:
+            stage.start()
+            (stage.path / "reference.json").write_text(json.dumps(dict(zip(prompts, completions, strict=True))))
+            stage.finish()
+        accelerator.wait_for_everyone()
+    return json.loads((stage.path / "reference.json").read_text())
+
+
+def run_ppo(args, training_args, method, seed, proxy_dirs, policy_path, prompts, gold, cache, state, reference=None):
     """One PPO run (cached): its log history. A run killed mid-way resumes from its last checkpoint."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -167,7 +209,11 @@ def run_ppo(args, training_args, method, seed, proxy_dirs, policy_path, prompts,
         state.wait_for_everyone()
         models = [BayesianRewardModel.from_pretrained(d, device=state.device) for d in proxy_dirs]
         penalty = "none" if method == "MAP" else args.penalty
-        reward = PenalizedReward(models, penalty=penalty, k=args.k, batch_size=args.ppo_batch_size)
+        relative = method != "MAP" and args.uncertainty == "relative"
+        reward = PenalizedReward(
+            models, penalty=penalty, k=args.k, batch_size=args.ppo_batch_size,
+            uncertainty="relative" if relative else "marginal", reference=reference if relative else None,
+        )  # fmt: skip
         tokenizer = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -374,13 +420,17 @@ def main(args: PPOScriptArguments, training_args, model_args) -> None:
     proxy_args = replace(args, ensemble_size=args.members_used(), methods=["MAP"])
     members = train_proxies(proxy_args, training_args, model_args, train_pairs, policy_path, cache, state)
     clock.lap("proxies (MAP + Laplace fit)")
+    reference = None
+    if args.uncertainty == "relative" and set(args.methods) - {"MAP"}:
+        reference = sample_reference(args, train_prompts + eval_prompts, policy_path, cache, accelerator)
+        clock.lap("reference samples")
     histories = {}
     for method in args.methods:
         for seed in args.seeds:
             dirs = [members[seed, j] for j in range(args.members_used() if method == "LA-Ens" else 1)]
             state.print(f"[ppo] {method_label(method, args)}, seed {seed}")
             histories[method, seed] = run_ppo(args, training_args, method, seed, dirs, policy_path,
-                                              (train_prompts, eval_prompts), gold, cache, state)  # fmt: skip
+                                              (train_prompts, eval_prompts), gold, cache, state, reference)  # fmt: skip
             clock.lap(f"PPO {method_label(method, args)}")
     if state.is_main_process:
         rows = [r for (method, seed), h in histories.items() for r in result_rows(method, seed, h, args)]

@@ -42,6 +42,8 @@ class WorldArguments:
 
     Parameters that control the held-out prompts and the policy's sampling:
         num_eval_prompts, num_train_prompts, max_new_tokens, temperature, top_k, top_p.
+        num_validation_prompts (`int`): prompts held out beside the reported ones, for choosing settings such as the
+            penalty strength k (Best-of-N) without looking at the reported prompts; 0 = none.
     """
 
     # world
@@ -65,6 +67,9 @@ class WorldArguments:
     ensemble_size: int = field(default=4, metadata={"help": "Members per ensemble (>= 2)."})
     # held-out prompts and sampling
     num_eval_prompts: int = field(default=64, metadata={"help": "P: held-out prompts."})
+    num_validation_prompts: int = field(
+        default=0, metadata={"help": "Held-out prompts for choosing k, never reported (0 = none)."}
+    )
     num_train_prompts: int | None = field(default=None, metadata={"help": "Hub prompts for pairs (None = rest)."})
     max_new_tokens: int = field(default=24, metadata={"help": "Completion length limit."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
@@ -74,6 +79,8 @@ class WorldArguments:
     def __post_init__(self):
         if self.num_eval_prompts < 1:
             raise ValueError("--num_eval_prompts must be >= 1.")
+        if self.num_validation_prompts < 0:
+            raise ValueError("--num_validation_prompts must be >= 0.")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds {self.seeds}: give one or more distinct seeds.")
         if not self.gold_reward:
@@ -228,6 +235,13 @@ def load_gold_reward(script_args: WorldArguments, device):
 
 
 def world_settings(args: WorldArguments) -> dict[str, Any]:
+    settings = _world_settings(args)
+    if args.num_validation_prompts:  # absent when 0, so that worlds cached before the field existed stay valid
+        settings["num_validation_prompts"] = args.num_validation_prompts
+    return settings
+
+
+def _world_settings(args: WorldArguments) -> dict[str, Any]:
     if args.offline:
         return {
             "world_seed": args.world_seed,
@@ -250,7 +264,8 @@ def world_settings(args: WorldArguments) -> dict[str, Any]:
 
 
 def build_world(args: WorldArguments, cache: Path, state) -> tuple[list[str], list[str], str]:
-    """(training prompts, held-out prompts, policy path); trains and caches the offline SFT policy.
+    """(training prompts, held-out prompts, policy path); trains and caches the offline SFT policy. The validation
+    prompts (`num_validation_prompts`, held out too, never reported) are read with `validation_prompts`.
 
     Every process takes part: the SFT policy trains data-parallel (a trainer on the main process alone would meet the
     other processes' barriers with its own collectives), and the prompts are derived identically everywhere.
@@ -262,11 +277,13 @@ def build_world(args: WorldArguments, cache: Path, state) -> tuple[list[str], li
         state.wait_for_everyone()
         path = stage.path
         if args.offline:
-            train_prompts, eval_prompts = train_offline_world(args, path, state)
+            train_prompts, held_out = train_offline_world(args, path, state)
         else:
-            train_prompts, eval_prompts = load_instructions(args)
+            train_prompts, held_out = load_instructions(args)
+        eval_prompts, validation = held_out[: args.num_eval_prompts], held_out[args.num_eval_prompts :]
         if state.is_main_process:
-            (path / "prompts.json").write_text(json.dumps({"train": train_prompts, "eval": eval_prompts}, indent=1))
+            record = {"train": train_prompts, "eval": eval_prompts, "validation": validation}
+            (path / "prompts.json").write_text(json.dumps(record, indent=1))
             stage.finish()
         state.wait_for_everyone()
     prompts = json.loads((stage.path / "prompts.json").read_text())
@@ -274,12 +291,23 @@ def build_world(args: WorldArguments, cache: Path, state) -> tuple[list[str], li
     return prompts["train"], prompts["eval"], policy
 
 
+def validation_prompts(args: WorldArguments, cache: Path) -> list[str]:
+    """The world's validation prompts (after `build_world`): held out from SFT and reward training like the reported
+    ones, used only to choose settings."""
+    return json.loads((Stage(cache, "world", world_settings(args)).path / "prompts.json").read_text()).get(
+        "validation", []
+    )
+
+
 def train_offline_world(args: WorldArguments, path: Path, state) -> tuple[list[str], list[str]]:
-    """The offline world's prompt split, and its SFT policy trained on generated demonstrations into `path`."""
+    """The offline world's prompt split (training, held out = reported + validation), and its SFT policy trained on
+    generated demonstrations into `path`."""
     from trl_bayes.synthetic import WorldConfig, build_tokenizer, make_demonstrations, split_prompts, train_sft_policy
 
     world = WorldConfig(
-        seed=args.world_seed, num_eval_prompts=args.num_eval_prompts, num_demonstrations=args.num_demonstrations
+        seed=args.world_seed,
+        num_eval_prompts=args.num_eval_prompts + args.num_validation_prompts,
+        num_demonstrations=args.num_demonstrations,
     )
     train_prompts, eval_prompts = split_prompts(world)
     tokenizer = build_tokenizer()
@@ -305,7 +333,8 @@ def train_offline_world(args: WorldArguments, path: Path, state) -> tuple[list[s
 
 
 def load_instructions(args: WorldArguments) -> tuple[list[str], list[str]]:
-    """(training, held-out) prompts from `prompts_dataset_name` (Hub id or local file) through `prompt_template`."""
+    """(training, held-out) prompts from `prompts_dataset_name` (Hub id or local file) through `prompt_template`; the
+    held-out ones are the `num_eval_prompts` reported, then the `num_validation_prompts`."""
     from datasets import load_dataset
 
     source = Path(args.prompts_dataset_name).expanduser()
@@ -322,9 +351,12 @@ def load_instructions(args: WorldArguments) -> tuple[list[str], list[str]]:
             f"{data.column_names})."
         ) from error
     prompts = list(dict.fromkeys(formatted))
-    if len(prompts) <= args.num_eval_prompts:
-        raise ValueError(f"{len(prompts)} distinct prompts: fewer than --num_eval_prompts + 1.")
-    eval_prompts, train_prompts = prompts[: args.num_eval_prompts], prompts[args.num_eval_prompts :]
+    held = args.num_eval_prompts + args.num_validation_prompts
+    if len(prompts) <= held:
+        raise ValueError(
+            f"{len(prompts)} distinct prompts: fewer than --num_eval_prompts + --num_validation_prompts + 1."
+        )
+    eval_prompts, train_prompts = prompts[:held], prompts[held:]
     if args.num_train_prompts is not None:
         train_prompts = train_prompts[: args.num_train_prompts]
     return train_prompts, eval_prompts

@@ -16,7 +16,8 @@ PAPER_CONFIG = RECIPE.parent / "configs" / "bon_pythia_alpacafarm.yaml"
 TINY = [
     "--num_eval_prompts", "4", "--num_samples", "16", "--num_train_pairs", "48", "--num_eval_pairs", "12",
     "--num_demonstrations", "400", "--sft_num_train_epochs", "1", "--seeds", "0", "1", "--ensemble_size", "2",
-    "--num_train_epochs", "1", "--ks", "1.0", "--uwo_ks", "1.0", "--sample_block_prompts", "2",
+    "--num_train_epochs", "1", "--ks", "1.0", "2.0", "--uwo_ks", "1.0", "--sample_block_prompts", "2",
+    "--num_validation_prompts", "2",
 ]  # fmt: skip
 
 
@@ -29,8 +30,9 @@ def test_offline_default_writes_results_and_resumes_from_cache(tmp_path):
     assert list(rows[0]) == ["method", "penalty", "k", "seed", "n", "kl", "proxy_reward", "gold_reward"]
     curves = {(r["method"], r["penalty"]) for r in rows}
     assert curves == {
-        ("MAP", "none"), ("LA", "std"), ("LA", "var"), ("Ens", "mean"), ("Ens-WCO", "wco"), ("Ens-UWO", "uwo"),
-        ("LA-Ens", "std"), ("LA-Ens", "var"),
+        ("MAP", "none"), ("LA", "std"), ("LA", "var"), ("LA-rel", "std"), ("LA-rel", "var"), ("Ens", "mean"),
+        ("Ens-WCO", "wco"), ("Ens-UWO", "uwo"), ("LA-Ens", "std"), ("LA-Ens", "var"), ("LA-Ens-rel", "std"),
+        ("LA-Ens-rel", "var"),
     }  # fmt: skip
     assert {r["seed"] for r in rows} == {"0", "1"} and {int(r["n"]) for r in rows} == {1, 2, 4, 8, 16}
     n1 = [float(r["gold_reward"]) for r in rows if r["n"] == "1"]
@@ -39,6 +41,23 @@ def test_offline_default_writes_results_and_resumes_from_cache(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| MAP |" in summary and "Time per stage" in summary and "Held-out pairs" in summary
     assert (out / "bon_diagnostics.png").is_file() and (out / "pair_metrics.csv").is_file()
+    # k is chosen per seed on the 2 validation prompts, never on the 4 reported ones: one pick per (seed, method,
+    # penalty), the best validation gold at the largest n.
+    with (out / "k_selection.csv").open() as f:
+        selection = list(csv.DictReader(f))
+    picks = [r for r in selection if r["chosen"] == "True"]
+    assert len(picks) == 2 * 4 * 2 and len(selection) == 2 * len(picks)
+    for pick in picks:
+        rivals = [
+            r
+            for r in selection
+            if (r["seed"], r["method"], r["penalty"]) == (pick["seed"], pick["method"], pick["penalty"])
+        ]
+        assert float(pick["validation_gold_at_max_n"]) == max(float(r["validation_gold_at_max_n"]) for r in rivals)
+    assert "LA-rel (std, k chosen on validation)" in summary and "relative within" in summary
+    prompts = json.loads(next((out / "cache").glob("world/prompts.json")).read_text())
+    assert len(prompts["eval"]) == 4 and len(prompts["validation"]) == 2
+    assert not set(prompts["validation"]) & (set(prompts["eval"]) | set(prompts["train"]))
 
     # A second run reuses every cached stage: nothing is trained or sampled again, the results are the same.
     markers = sorted((out / "cache").rglob("done.json"))

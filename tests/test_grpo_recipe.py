@@ -18,10 +18,10 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("trainer", ["grpo", "rloo"])
-def test_grpo_smoke_run_writes_results(tmp_path, trainer):
+@pytest.mark.parametrize(("trainer", "uncertainty"), [("grpo", "marginal"), ("rloo", "relative")])
+def test_grpo_smoke_run_writes_results(tmp_path, trainer, uncertainty):
     out = tmp_path / "grpo"
-    run_recipe(RECIPE, "--output_dir", str(out), "--trainer", trainer, *TINY)
+    run_recipe(RECIPE, "--output_dir", str(out), "--trainer", trainer, "--uncertainty", uncertainty, *TINY)
     with (out / f"{trainer}_results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["method", "penalty", "k", "seed", "step", "kl", "proxy_reward", "gold_reward"]
@@ -29,4 +29,6 @@ def test_grpo_smoke_run_writes_results(tmp_path, trainer):
     assert {int(r["step"]) for r in rows} == {0, 1, 2}
     assert all(float(r["kl"]) == 0.0 for r in rows if r["step"] == "0")
     assert (out / f"{trainer}_curves.png").is_file()
-    assert "| MAP |" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "| MAP |" in summary
+    assert ("| LA (std, k=1, relative) |" in summary) == (uncertainty == "relative")

@@ -4,6 +4,7 @@ the paper-scale config parsed into a plan."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -44,12 +45,27 @@ def test_offline_smoke_run_writes_results_and_reruns_from_cache(tmp_path):
     assert {m: m.stat().st_mtime_ns for m in markers} == stamps
     assert (out / "ppo_results.csv").read_text() == before
 
+    # The relative variance: each completion centered on K reference-policy samples of its prompt, drawn once. Only
+    # the LA run is new; world, pairs, proxies and the MAP run come from the cache.
+    flags = [f for f in TINY if f != "LA-Ens"] + ["--uncertainty", "relative", "--num_reference_samples", "3"]
+    run_recipe(RECIPE, "--output_dir", str(out), *flags)
+    summary = (out / "summary.md").read_text()
+    assert "| LA (std, k=1, relative) |" in summary
+    reference = json.loads((out / "cache" / "reference_samples" / "reference.json").read_text())
+    prompts = json.loads((out / "cache" / "world" / "prompts.json").read_text())
+    assert set(reference) == set(prompts["train"]) | set(prompts["eval"])
+    assert all(len(completions) == 3 for completions in reference.values())
+    assert (out / "cache" / "ppo" / "MAP-seed0" / "done.json").stat().st_mtime_ns == stamps[
+        out / "cache" / "ppo" / "MAP-seed0" / "done.json"
+    ]
+
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--methods", "MAP", "DPO"], "unknown ['DPO']"),
         (["--penalty", "cube"], "--penalty 'cube'"),
+        (["--uncertainty", "absolute"], "--uncertainty 'absolute'"),
         (["--methods", "LA-Ens", "--ensemble_size", "1"], "LA-Ens needs >= 2 members"),
         (["--ppo_batch_size", "48"], "--ppo_batch_size 48 must be a multiple"),
         (["--gold_reward", "/no/such/gold-rm"], "--gold_reward /no/such/gold-rm"),
