@@ -372,24 +372,27 @@ def curve_label(method: str, penalty: str, k: float) -> str:
     return method if penalty in ("none", "mean", "wco") else f"{method} ({penalty}, k={k:g})"
 
 
+def seed_curves(rows, args, method: str, penalty: str, ks_per_seed: list[float], column: str):
+    """`(seeds, ns)` array of `column` for one method and penalty, each seed at its own k."""
+    import numpy as np
+
+    return np.array([[r[column] for r in rows if (r["method"], r["penalty"], r["k"], r["seed"]) == (method, penalty, k, s)]
+                     for s, k in zip(args.seeds, ks_per_seed, strict=True)])  # fmt: skip
+
+
+def chosen_ks(selection: list[dict[str, Any]], args, method: str, penalty: str) -> list[float]:
+    """Each seed's k chosen on the validation prompts, in the order of `args.seeds`."""
+    chosen = {r["seed"]: r["k"] for r in selection if r["chosen"] and (r["method"], r["penalty"]) == (method, penalty)}
+    return [chosen[s] for s in args.seeds]
+
+
 def aggregate(rows: list[dict[str, Any]], args, selection: list[dict[str, Any]] | None = None) -> list[dict]:
     """Per (method, penalty, k), and per (method, penalty) with each seed's k chosen on validation: gold at the largest
     n and at the best n per seed (arrays over seeds, in the order of `args.seeds`)."""
-    import numpy as np
-
-    def curves(method, penalty, ks_per_seed, column):
-        return np.array(
-            [
-                [r[column] for r in rows if (r["method"], r["penalty"], r["k"], r["seed"]) == (method, penalty, k, s)]
-                for s, k in zip(args.seeds, ks_per_seed, strict=True)
-            ]
-        )  # fmt: skip  (seeds, ns)
 
     def entry(label, method, penalty, k, ks_per_seed):
-        gold, proxy = (
-            curves(method, penalty, ks_per_seed, "gold_reward"),
-            curves(method, penalty, ks_per_seed, "proxy_reward"),
-        )
+        gold = seed_curves(rows, args, method, penalty, ks_per_seed, "gold_reward")
+        proxy = seed_curves(rows, args, method, penalty, ks_per_seed, "proxy_reward")
         return {"label": label, "method": method, "penalty": penalty, "k": k, "ks": list(ks_per_seed),
                 "gold_last": gold[:, -1], "gold_best": gold.max(axis=1),
                 "best_n": [args.ns[i] for i in gold.argmax(axis=1)], "proxy_last": proxy[:, -1]}  # fmt: skip
@@ -397,41 +400,52 @@ def aggregate(rows: list[dict[str, Any]], args, selection: list[dict[str, Any]] 
     table = [entry(curve_label(m, p, k), m, p, k, [k] * len(args.seeds)) for m, p, k in method_specs(args)]
     for method in [m for m in args.methods if m in SELECTED_METHODS] if selection else []:
         for penalty in args.penalties:
-            chosen = {r["seed"]: r["k"] for r in selection
-                      if r["chosen"] and (r["method"], r["penalty"]) == (method, penalty)}  # fmt: skip
-            ks = [chosen[s] for s in args.seeds]
+            ks = chosen_ks(selection, args, method, penalty)
             table.append(entry(f"{method} ({penalty}, k chosen on validation)", method, penalty, "val", ks))
     return table
 
 
-def plot_curves(path: Path, rows: list[dict[str, Any]], args) -> None:
+def plot_curves(path: Path, rows: list[dict[str, Any]], args, selection: list[dict[str, Any]] | None = None) -> None:
+    """Proxy gain and gold vs KL, mean ± std over seeds. Penalized methods are drawn at each seed's k chosen on the
+    validation prompts when there is a `selection`, else at `plot_k` (every k is in the CSV)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
+    # One color per method, solid for std and dashed for var; penalized methods at `plot_k` only (the CSV has all).
+    colors = {method: plt.cm.tab10(i) for i, method in enumerate(METHODS)}
+    kl = np.array([r["kl"] for r in rows if (r["method"], r["seed"]) == (rows[0]["method"], args.seeds[0])])
+    drawn = set()
     for method, penalty, k in method_specs(args):
-        if method in ("LA", "LA-Ens", "Ens-UWO") and k != (args.plot_k if method != "Ens-UWO" else args.uwo_ks[0]):
+        if (method, penalty) in drawn:
             continue
-        mine = [r for r in rows if (r["method"], r["penalty"], r["k"]) == (method, penalty, k)]
-        kl = np.array([r["kl"] for r in mine if r["seed"] == args.seeds[0]])
+        label, ks = curve_label(method, penalty, k), [k] * len(args.seeds)
+        if method in SELECTED_METHODS:
+            if selection:
+                ks, label = chosen_ks(selection, args, method, penalty), f"{method} ({penalty}, k from validation)"
+            else:
+                ks, label = [args.plot_k] * len(args.seeds), curve_label(method, penalty, args.plot_k)
+            drawn.add((method, penalty))
+        elif method == "Ens-UWO" and k != args.uwo_ks[0]:
+            continue
         style = "--" if penalty == "var" else "-"
         for ax, column in zip(axes, ("proxy_reward", "gold_reward"), strict=True):
-            values = np.array([[r[column] for r in mine if r["seed"] == s] for s in args.seeds])
+            values = seed_curves(rows, args, method, penalty, ks, column)
             if column == "proxy_reward":
                 # A Bradley-Terry reward has an arbitrary offset per model: plot each seed's gain over n = 1.
                 values = values - values[:, :1]
             mean, std = values.mean(0), values.std(0)
-            (line,) = ax.plot(kl, mean, style, marker=".", label=curve_label(method, penalty, k))
-            ax.fill_between(kl, mean - std, mean + std, color=line.get_color(), alpha=0.12)
+            ax.plot(kl, mean, style, marker=".", color=colors[method], label=label)
+            ax.fill_between(kl, mean - std, mean + std, color=colors[method], alpha=0.08)
     titles = ("proxy reward gain over n = 1 (method's own reward, unpenalized)", "gold reward")
     for ax, title in zip(axes, titles, strict=True):
         ax.set_xlabel("KL(best-of-n || policy) = log n - (n-1)/n  [nats]")
         ax.set_title(f"{title}\nmean ± std over seeds {args.seeds}", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="best")
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(
         f"Best-of-n, {args.num_eval_prompts} prompts x {args.num_samples} samples (n = {args.ns[0]}..{args.ns[-1]})"
     )
@@ -677,11 +691,11 @@ def main(args: BoNScriptArguments, training_args, model_args) -> None:
     if state.is_main_process:
         rows = compute_curves(args, gold_scores, proxies, reported)
         write_csv(output_dir / "bon_results.csv", rows, CSV_COLUMNS)
-        plot_curves(output_dir / "bon_curves.png", rows, args)
         selection = None
         if args.num_validation_prompts and set(args.methods) & set(SELECTED_METHODS):
             selection = select_ks(args, compute_curves(args, gold_scores, proxies, validation))
             write_csv(output_dir / "k_selection.csv", selection, list(selection[0]))
+        plot_curves(output_dir / "bon_curves.png", rows, args, selection)
         reported_proxies = {key: {c: v[reported] if c in ("mean", "var", "rel_var") else v for c, v in member.items()}
                             for key, member in proxies.items()}  # fmt: skip
         pair_rows, along_n, length_rows = diagnostics(
