@@ -639,7 +639,7 @@ def describe_plan(args, training_args, model_args) -> list[str]:
     policy = args.policy_name_or_path or "offline tiny GPT-NeoX SFT policy (trained here)"
     return [
         f"world: {'offline world, seed ' + str(args.world_seed) if args.offline else args.prompts_dataset_name}"
-        f" -> {args.num_eval_prompts} held-out prompts",
+        f" -> {args.num_eval_prompts} held-out prompts (+ {args.num_validation_prompts} validation prompts for k)",
         f"policy: {policy}",
         f"gold reward: {args.gold_reward}",
         f"pairs: {args.num_train_pairs} sampled + gold-labelled ({args.label_noise:.0%} flipped), "
