@@ -5,7 +5,8 @@ Measures, in one run, on CPU in float32 (random weights, random token ids; nothi
 1. posterior fit time (`BayesianRewardTrainer.fit_posterior`, per `hessian_structure`) / time of one MAP training
    epoch (`trainer.train()`, `num_train_epochs=1`) over the same preference pairs; for kron also laplace-torch's own
    fit (`laplace_backend=True`, the reference path) and how far its Kronecker factors are from ours;
-2. (mean, var) scoring throughput (`BayesianRewardModel.predict_ids(..., return_var=True)`) / MAP scoring throughput
+2. (mean, var) scoring throughput (`BayesianRewardModel.predict_ids(..., return_var=True)`) / MAP scoring throughput,
+   and the relative variance (`relative_predict_ids`, groups of 8: two forward-backward passes per response)
    (`return_var=False`), in responses per second;
 3. laplace-torch's stock GLM predictive `la(x, pred_type="glm")` on the same responses, our speed-up over it, and
    how far its (mean, var) is from ours;
@@ -62,7 +63,8 @@ from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification, Printe
 import trl_bayes
 from trl_bayes import BayesianRewardConfig, BayesianRewardModel, BayesianRewardTrainer
 from trl_bayes.laplace_lora import without_input_require_grads_hooks
-from trl_bayes.reward import pad_token_ids
+from trl_bayes.relative_variance import relative_predict_ids
+from trl_bayes.reward import pad_token_ids, scoring_mode
 from trl_bayes.synthetic import build_tokenizer
 
 # EleutherAI/pythia-70m's hyperparameters, written out so that no Hub access is needed.
@@ -286,9 +288,17 @@ def bench_scoring(
     phases: dict[str, Callable[[], Any]] = {
         "map": lambda: first.predict_ids(responses, batch_size=batch_size, return_var=False)
     }
+    # Relative variance (`uncertainty="relative"`): groups of 8 responses, as GRPO's num_generations would pass them.
+    keys = [i // 8 for i in range(len(responses))]
+
+    def relative(posterior: BayesianRewardModel):
+        with scoring_mode(posterior.model):
+            return relative_predict_ids(posterior, responses, keys, batch_size=batch_size)
+
     for structure, posterior in posteriors.items():
         posterior.predict_ids(responses[:2], batch_size=batch_size, return_var=True)  # warm-up
         phases[structure] = lambda p=posterior: p.predict_ids(responses, batch_size=batch_size, return_var=True)
+        phases[f"{structure} relative"] = lambda p=posterior: relative(p)
     first.predict_ids(responses[:2], batch_size=batch_size, return_var=False)  # warm-up
     results = interleaved(phases, repeats)
     map_seconds, _, probe = results["map"]
@@ -300,6 +310,11 @@ def bench_scoring(
         rate = len(responses) / seconds
         ours[structure] = (mean, var, rate)
         rows.append(Row("(mean, var) predict_ids", structure, seconds, f"{rate / map_rate:.3f} x MAP", probe, rate))
+        seconds_rel, _, probe = results[f"{structure} relative"]
+        ratio = f"{len(responses) / seconds_rel / map_rate:.3f} x MAP, {seconds_rel / seconds:.2f} x var time"
+        rows.append(
+            Row("(mean, var, rel) relative", structure, seconds_rel, ratio, probe, len(responses) / seconds_rel)
+        )
     return rows, ours, map_rate
 
 
