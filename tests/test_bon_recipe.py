@@ -130,13 +130,14 @@ def test_paper_config_runs_on_local_stand_ins_through_the_hub_code_path(tmp_path
         "--config", str(PAPER_CONFIG), "--output_dir", str(out), "--bf16", "false",
         "--policy_name_or_path", str(policy_dir), "--model_name_or_path", str(policy_dir),
         "--gold_reward", str(gold_dir), "--prompts_dataset_name", str(prompts),
-        "--num_eval_prompts", "3", "--num_train_prompts", "16", "--num_train_pairs", "16", "--num_eval_pairs", "6",
+        "--num_eval_prompts", "3", "--num_validation_prompts", "2", "--num_train_prompts", "16", "--num_train_pairs", "16", "--num_eval_pairs", "6",
         "--num_samples", "8", "--ns", "1", "2", "8", "--max_new_tokens", "4", "--generation_batch_size", "4",
         "--seeds", "0", "--ensemble_size", "2", "--per_device_train_batch_size", "8", "--max_length", "200",
     )  # fmt: skip
     with (out / "bon_results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert {int(r["n"]) for r in rows} == {1, 2, 8} and {r["method"] for r in rows} >= {"MAP", "LA-Ens"}
+    assert {int(r["n"]) for r in rows} == {1, 2, 8} and {r["method"] for r in rows} >= {"MAP", "LA-Ens", "LA-rel"}
+    assert (out / "k_selection.csv").is_file()  # k chosen on the 2 validation prompts of the instructions file
     config = json.loads((out / "config.json").read_text())["script"]
     assert config["gold_reward"] == str(gold_dir) and config["num_samples"] == 8
     assert "gold-rm" not in (out / "summary.md").read_text() and str(gold_dir) in (out / "summary.md").read_text()
