@@ -179,7 +179,8 @@ def run_grpo(args, training_args, method, seed, proxy_dir, policy_path, prompts,
 
         config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if args.trainer == "grpo" else (RLOOConfig, RLOOTrainer)
         config = config_cls(
-            output_dir=str(stage.path / "run"), use_cpu=training_args.use_cpu, bf16=False, report_to="none",
+            output_dir=str(stage.path / "run"), use_cpu=training_args.use_cpu, ddp_backend=training_args.ddp_backend,
+            bf16=False, report_to="none",
             seed=training_args.seed + seed, max_steps=args.grpo_steps, logging_steps=1, save_strategy="no",
             per_device_train_batch_size=args.grpo_prompts_per_step * args.num_generations,
             num_generations=args.num_generations, max_completion_length=args.max_new_tokens,

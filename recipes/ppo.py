@@ -130,7 +130,8 @@ def ppo_config(args: PPOScriptArguments, training_args, output_dir: Path, seed: 
     from trl_bayes import PPOConfig
 
     return PPOConfig(
-        str(output_dir), use_cpu=training_args.use_cpu, bf16=args.ppo_bf16, report_to="none", disable_tqdm=True,
+        str(output_dir), use_cpu=training_args.use_cpu, ddp_backend=training_args.ddp_backend, bf16=args.ppo_bf16,
+        report_to="none", disable_tqdm=True,
         seed=seed, max_steps=args.ppo_steps, per_device_train_batch_size=args.ppo_micro_batch_size,
         gradient_accumulation_steps=args.ppo_batch_size // (args.ppo_micro_batch_size * args.ppo_mini_batches),
         num_mini_batches=args.ppo_mini_batches, num_ppo_epochs=args.ppo_epochs, learning_rate=args.ppo_learning_rate,

@@ -364,7 +364,9 @@ def main(script_args, training_args, model_args):
 
     from trl_bayes import BayesianRewardModel, BayesianRewardTrainer
     from trl_bayes.diagnostics import pair_metrics
+    from trl_bayes.distributed import check_cpu_launch
 
+    check_cpu_launch(training_args.use_cpu)
     state = PartialState()
     seconds: dict[str, float] = {}
     start = clock = time.perf_counter()
@@ -463,6 +465,7 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
     from trl import ModelConfig, TrlParser
 
     from trl_bayes import BayesianRewardConfig
+    from trl_bayes.distributed import cpu_launch_defaults
 
     dataclass_types = (RewardScriptArguments, BayesianRewardConfig, ModelConfig)
     if subparsers is not None:
@@ -473,7 +476,8 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
         parser = TrlParser(dataclass_types, prog=prog)
     # Defaults that differ from ModelConfig/RewardConfig, for runs with a yaml that leaves them out. A yaml's keys
     # replace these, and flags replace both (TrlParser sets yaml values as argparse defaults).
-    parser.set_defaults(use_peft=True, lora_task_type="SEQ_CLS", output_dir="outputs/reward")
+    # Several CPU processes: gloo, and use_cpu for DDP but not for DeepSpeed (see `cpu_launch_defaults`).
+    parser.set_defaults(use_peft=True, lora_task_type="SEQ_CLS", output_dir="outputs/reward", **cpu_launch_defaults())
     return parser
 
 

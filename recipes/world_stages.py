@@ -160,11 +160,16 @@ class StageClock:
 
 
 def make_accelerator(training_args):
-    """The recipes' Accelerator: on CPU (`use_cpu`) a gloo process group, so that several CPU processes launched with
-    `accelerate launch --multi_gpu --num_processes N` form one group (without it each would run alone)."""
+    """The recipes' Accelerator: without CUDA a gloo process group (DDP over CPU processes, or DeepSpeed's CPU
+    accelerator), so that the processes of `accelerate launch --config_file recipes/accelerate/cpu_*.yaml` form one
+    group (without it each would run alone)."""
     from accelerate import Accelerator, InitProcessGroupKwargs
 
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if training_args.use_cpu else []
+    from trl_bayes.distributed import check_cpu_launch, process_group_backend
+
+    check_cpu_launch(training_args.use_cpu)
+    backend = process_group_backend()
+    handlers = [InitProcessGroupKwargs(backend=backend)] if backend else []
     return Accelerator(cpu=training_args.use_cpu, kwargs_handlers=handlers)
 
 
@@ -489,9 +494,11 @@ def recipe_parser(script_arguments_class, output_dir: str):
     from trl import ModelConfig, TrlParser
 
     from trl_bayes import BayesianRewardConfig
+    from trl_bayes.distributed import cpu_launch_defaults
 
     parser = TrlParser((script_arguments_class, BayesianRewardConfig, ModelConfig))
-    parser.set_defaults(use_peft=True, lora_task_type="SEQ_CLS", output_dir=output_dir)
+    # Several CPU processes: gloo, and use_cpu for DDP but not for DeepSpeed (see `cpu_launch_defaults`).
+    parser.set_defaults(use_peft=True, lora_task_type="SEQ_CLS", output_dir=output_dir, **cpu_launch_defaults())
     return parser
 
 
