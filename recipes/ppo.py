@@ -160,6 +160,7 @@ def run_ppo(args, training_args, method, seed, proxy_dirs, policy_path, prompts,
     from transformers.trainer_utils import get_last_checkpoint
 
     from trl_bayes import BayesianRewardModel, PenalizedReward, PPOTrainer
+    from trl_bayes.distributed import whole_weights
 
     stage = Stage(cache / "ppo", f"{method}-seed{seed}", ppo_key(args, method, seed, proxy_dirs))
     if not stage.done:
@@ -172,7 +173,8 @@ def run_ppo(args, training_args, method, seed, proxy_dirs, policy_path, prompts,
         tokenizer = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        policy = AutoModelForCausalLM.from_pretrained(policy_path)
+        with whole_weights():  # ZeRO-3 shards it in the trainer's `prepare`; the frozen reference copy stays whole
+            policy = AutoModelForCausalLM.from_pretrained(policy_path)
         peft_config = None
         if args.policy_lora_r:
             peft_config = LoraConfig(task_type="CAUSAL_LM", r=args.policy_lora_r, lora_alpha=2 * args.policy_lora_r)

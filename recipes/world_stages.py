@@ -196,9 +196,12 @@ class SequenceClassifierReward:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from trl_bayes.distributed import whole_weights
+
         self.__name__ = Path(name_or_path).name
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1)
+        with whole_weights():  # each process scores its own share of the responses
+            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1)
         self.model.to(device).eval()
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -218,6 +221,27 @@ class SequenceClassifierReward:
             with self.torch.no_grad():
                 scores.extend(self.model(**batch).logits[:, 0].float().tolist())
         return scores
+
+
+class ShardedReward:
+    """A TRL reward function whose inputs are split over the processes and whose scores are gathered back, all of
+    them on every process: for a reward that every process calls on the same inputs (the gold labels of the pairs).
+    Each response is scored once, by one process; the scores are those of one process (a reward model's batches
+    differ, so its scores may differ in the last bits)."""
+
+    def __init__(self, reward, state):
+        self.reward, self.state = reward, state
+        self.__name__ = getattr(reward, "__name__", type(reward).__name__)
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        from accelerate.utils import gather_object
+
+        if self.state.num_processes == 1:
+            return list(self.reward(prompts=prompts, completions=completions, **kwargs))
+        with self.state.split_between_processes(list(range(len(prompts)))) as local:
+            local = list(local)
+            scores = self.reward(prompts=[prompts[i] for i in local], completions=[completions[i] for i in local])
+        return gather_object(list(scores) if local else [])
 
 
 def load_gold_reward(script_args: WorldArguments, device):
@@ -339,9 +363,12 @@ def load_policy(policy_path: str, device):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from trl_bayes.distributed import whole_weights
+
     tokenizer = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype).to(device).eval()
+    with whole_weights():  # each process samples its own prompts
+        policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype).to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # generation masks padding: any token works
     return policy, tokenizer
@@ -386,8 +413,9 @@ def sample_pairs(args, train_prompts, eval_prompts, policy_path, gold, cache, ac
             # Ties (equal gold) carry no label: draw 50% more than needed and keep the first `num` untied pairs.
             drawn = [rng.choice(prompts) for _ in range(math.ceil(1.5 * num) + 8)]
             completions = sampler.generate(drawn)
+            # Every process holds every pair; the gold labelling is split over processes and gathered.
             pairs = label_pairs(drawn, [c[0] for c in completions], [c[1] for c in completions],
-                                seed=args.world_seed + 7, label_noise=noise, gold=gold)  # fmt: skip
+                                seed=args.world_seed + 7, label_noise=noise, gold=ShardedReward(gold, accelerator))  # fmt: skip
             if len(pairs) < num:
                 raise RuntimeError(f"Only {len(pairs)} untied {split} pairs out of {len(drawn)} draws (wanted {num}).")
             datasets[split] = pairs.select(range(num))

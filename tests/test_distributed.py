@@ -21,6 +21,7 @@ from trl_bayes.distributed import check_cpu_launch, cpu_launch_defaults
 
 SCRIPT = Path(__file__).with_name("dist_fit_posterior.py")
 ACCELERATE = Path(sys.executable).with_name("accelerate")
+CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
 
 
 def _free_port() -> int:
@@ -33,6 +34,13 @@ def _two_processes(script: Path, *args: str) -> list[str]:
     """The command that runs `script` in two gloo processes on this CPU machine."""
     launch = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     return [*launch, "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(script), *args]
+
+
+def _launch(config: str, script: Path, *args: str) -> list[str]:
+    """The command that runs `script` under `recipes/accelerate/cpu_<config>.yaml` (ddp, zero2, zero3): two gloo
+    processes on this CPU machine, as a user launches them."""
+    launch = [str(ACCELERATE), "launch", "--config_file", str(CONFIGS / f"cpu_{config}.yaml")]
+    return [*launch, "--main_process_port", str(_free_port()), str(script), *args]
 
 
 def _run(command: list[str], check: bool = True) -> subprocess.CompletedProcess:
