@@ -176,9 +176,9 @@ def run_grpo(args, training_args, method, seed, proxy_dir, policy_path, prompts,
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
-    from trl.models.utils import unwrap_model_for_generation
 
     from trl_bayes import BayesianRewardModel, PenalizedReward
+    from trl_bayes.distributed import unwrapped_whole
 
     key = {"world": world_settings(args), "method": [method, args.penalty, args.k], "seed": seed,
            "grpo": {k: v for k, v in asdict(args).items() if k.startswith(("grpo_", "num_gen", "beta", "trainer"))},
@@ -195,7 +195,7 @@ def run_grpo(args, training_args, method, seed, proxy_dir, policy_path, prompts,
         def evaluate() -> dict[str, float]:
             # The policy with whole weights: under ZeRO-3 gathered (and DeepSpeed's hooks off) for the evaluation, so
             # that each process can run its own chunks; elsewhere just unwrapped.
-            with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as policy:
+            with unwrapped_whole(trainer.accelerator, trainer.model_wrapped) as policy:
                 return evaluation(policy)
 
         class GoldCallback(TrainerCallback):

@@ -8,14 +8,13 @@ labelled by the gold reward, and the proxies (LoRA reward models with their Lapl
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -459,8 +458,9 @@ def train_proxy(member_dir: Path, seed: int, pairs, policy_path, args, training_
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    member_args = copy.deepcopy(training_args)
-    member_args.output_dir, member_args.seed, member_args.data_seed = str(member_dir), seed, seed
+    # A fresh config (not a copy): building one resets Accelerate's state, so that the trainer's Accelerator may carry
+    # the DeepSpeed plugin after the world's trainers and samplers had theirs.
+    member_args = replace(training_args, output_dir=str(member_dir), seed=seed, data_seed=seed)
     peft_config = get_peft_config(model_args)
     trainer = BayesianRewardTrainer(
         model=model, args=member_args, train_dataset=pairs, processing_class=tokenizer, peft_config=peft_config

@@ -62,27 +62,53 @@ def is_zero3(accelerator) -> bool:
 
 
 @contextlib.contextmanager
-def gathered_model(accelerator, wrapped: torch.nn.Module | None, model: torch.nn.Module) -> Iterator[None]:
-    """Under DeepSpeed ZeRO-3, `model`'s weights whole on every process inside the block (re-sharded after, updates
-    dropped); elsewhere a no-op.
+def unwrapped_whole(accelerator, wrapped: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`accelerator.unwrap_model(wrapped)`, with whole weights inside the block: under DeepSpeed ZeRO-3 they are
+    gathered on every process and the engine's hooks are off, so that processes may do unequal work (their own chunks
+    of generation or evaluation, the posterior fit of their own shares); re-sharded after, updates dropped.
 
-    With a DeepSpeed engine (`wrapped`), TRL's `unwrap_model_for_generation` gathers the parameters and removes the
-    engine's fetch/release hooks, so the block runs plain PyTorch: our forward hooks on the LoRA layers, per-sample
-    gradients and parameter identity (`id(p)`) behave exactly as on one process. Without an engine (a model loaded
-    under `zero.Init`, no `train()`), `GatheredParameters` gathers them.
+    TRL's `unwrap_model_for_generation` gathers the parameters and removes DeepSpeed's per-module hooks; the engine's
+    start-of-forward hook stays, and its `reset_step` checks in a collective that every process runs the same forward,
+    which would deadlock processes that do not. It is popped here for the block and put back after.
 
-    Cost: the full model (base weights included, in their dtype) on every process for the duration of the block,
-    the same as TRL's generation under ZeRO-3. The base weights are what a forward through the LoRA layers needs;
-    gathering only the LoRA weights would leave DeepSpeed's hooks gathering each base layer at every forward instead.
+    Cost: the full module (base weights included, in their dtype) on every process for the block, as for TRL's
+    generation under ZeRO-3.
     """
-    if not is_zero3(accelerator):
-        yield
-        return
     import deepspeed
     from trl.models.utils import unwrap_model_for_generation
 
-    if isinstance(wrapped, deepspeed.DeepSpeedEngine):
-        with unwrap_model_for_generation(wrapped, accelerator):
+    if not (is_zero3(accelerator) and isinstance(wrapped, deepspeed.DeepSpeedEngine)):
+        yield accelerator.unwrap_model(wrapped)
+        return
+    offload = getattr(wrapped.optimizer, "parameter_offload", wrapped.optimizer)
+    handle = getattr(offload, "fwd_pre_hook", None)
+    hooks = wrapped.module._forward_pre_hooks
+    start_of_forward = hooks.pop(handle.id) if handle is not None else None
+    try:
+        with unwrap_model_for_generation(wrapped, accelerator) as model:
+            yield model
+    finally:
+        if start_of_forward is not None:
+            hooks[handle.id] = start_of_forward
+
+
+@contextlib.contextmanager
+def gathered_model(accelerator, wrapped: torch.nn.Module | None, model: torch.nn.Module) -> Iterator[None]:
+    """Under DeepSpeed ZeRO-3, `model`'s weights whole on every process inside the block; elsewhere a no-op.
+
+    With a DeepSpeed engine (`wrapped`) see `unwrapped_whole`: the block runs plain PyTorch, so our forward hooks on the
+    LoRA layers, per-sample gradients and parameter identity (`id(p)`) behave exactly as on one process. Without an
+    engine (a model loaded under `zero.Init`, no `train()` yet), `GatheredParameters` gathers them.
+
+    The base weights are what a forward through the LoRA layers needs; gathering only the LoRA weights would leave
+    DeepSpeed's hooks gathering each base layer at every forward instead, in lockstep across processes.
+    """
+    import deepspeed
+
+    if not is_zero3(accelerator):
+        yield
+    elif isinstance(wrapped, deepspeed.DeepSpeedEngine):
+        with unwrapped_whole(accelerator, wrapped):
             yield
     else:
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):

@@ -46,9 +46,8 @@ from transformers import (
     get_scheduler,
 )
 from transformers.trainer_utils import get_last_checkpoint
-from trl.models.utils import unwrap_model_for_generation
 
-from .distributed import process_group_backend, whole_weights
+from .distributed import process_group_backend, unwrapped_whole, whole_weights
 from .reward import BayesianRewardModel, PenalizedReward, pad_token_ids
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -566,7 +565,7 @@ class PPOTrainer:
     def _whole(self):
         """A context giving the `PolicyAndValue` module with whole weights: under ZeRO-3 gathered (DeepSpeed's hooks off),
         for the parts where processes do unequal work (generation, sharded evaluation); elsewhere just unwrapped."""
-        return unwrap_model_for_generation(self.policy_and_value, self.accelerator)
+        return unwrapped_whole(self.accelerator, self.policy_and_value)
 
     # -- data ------------------------------------------------------------------------------------------------------
     def _tokenize_prompts(self, dataset: Dataset, name: str) -> tuple[list[Any], list[list[int]]]:
