@@ -17,8 +17,9 @@ keys.
     accelerate launch recipes/reward.py --config recipes/configs/reward.yaml --hessian_structure diag
     python recipes/reward.py --output_dir /tmp/rw --num_train_epochs 1
 
-    # several processes on a CPU-only machine: `--use_cpu true`, or transformers treats every process as the only one
-    accelerate launch --multi_gpu --num_processes 2 recipes/reward.py --use_cpu true
+    # several processes (DDP, DeepSpeed ZeRO-2/3; CPU variants: cpu_ddp, cpu_zero2, cpu_zero3): README, "Scaling"
+    accelerate launch --config_file recipes/accelerate/deepspeed_zero3.yaml recipes/reward.py
+    accelerate launch --config_file recipes/accelerate/cpu_ddp.yaml recipes/reward.py     # two CPU processes
 
     # a Hub model and a Hub preference dataset (plain-text `chosen`/`rejected`, with a `test` split), on a GPU
     accelerate launch recipes/reward.py \
