@@ -45,7 +45,7 @@ def main(out: Path) -> None:
     initial = {k: v.clone() for k, v in policy.state_dict().items()}
     args = PPOConfig(
         str(out / "run"), bf16=False, report_to="none", disable_tqdm=True, save_strategy="no",
-        lr_scheduler_type="constant", **cpu_launch_defaults(),
+        **cpu_launch_defaults(),
         per_device_train_batch_size=4, gradient_accumulation_steps=2, num_mini_batches=2, num_ppo_epochs=2,
         max_new_tokens=6, temperature=1.0, learning_rate=3e-3, max_steps=3, adaptive_kl=True, seed=0,
     )  # fmt: skip
@@ -64,6 +64,7 @@ def main(out: Path) -> None:
         "initial": initial,
         "completions": reward.seen,
         "kl_coef": trainer.kl_controller.value,
+        "learning_rates": [entry["learning_rate"] for entry in trainer.log_history],
     }
     torch.save(record, out / f"rank{accelerator.process_index}.pt")
 

@@ -360,6 +360,10 @@ def test_two_processes_keep_the_policies_identical_under_ddp_zero2_zero3(tmp_pat
         for part in ("policy", "value"):
             for name, value in ranks[0][part].items():
                 torch.testing.assert_close(ranks[1][part][name], value, rtol=0, atol=0, msg=f"{config} {part}: {name}")
+        # The linear schedule counts optimizer steps (3 PPO steps x 2 epochs x 2 minibatches = 12), the same on every
+        # process: after each PPO step lr = 3e-3 (1 - 4 step / 12), as on one process (Accelerate's default would step
+        # it once per process and reach 0 half-way).
+        assert ranks[0]["learning_rates"] == pytest.approx([2e-3, 1e-3, 0.0], abs=1e-12), config
         changed = [k for k, v in ranks[0]["policy"].items() if not torch.equal(v, ranks[0]["initial"][k])]
         assert len(changed) == len(ranks[0]["policy"]), f"{config}: not every policy weight trained"
         runs[config] = ranks[0]

@@ -448,12 +448,15 @@ class PPOTrainer:
                 "`tokenizer.pad_token = tokenizer.eos_token` (padding is masked, so any token works)."
             )
         # CPU processes talk over gloo (DDP, or DeepSpeed's CPU accelerator); `cpu=use_cpu` keeps a DDP launch of
-        # several CPU processes one process group. Micro batches accumulate through Accelerate (and DeepSpeed).
+        # several CPU processes one process group. Micro batches accumulate through Accelerate (and DeepSpeed). The
+        # scheduler counts optimizer steps, the same on every process: one scheduler step per optimizer step
+        # (Accelerate's default steps it once per process, for schedules counted in samples of all processes).
         backend = "gloo" if args.use_cpu else process_group_backend()
         self.accelerator = Accelerator(
             cpu=args.use_cpu,
             mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no",
             gradient_accumulation_steps=args.gradient_accumulation_steps,
+            step_scheduler_with_optimizer=False,
             log_with=args.report_to or None,
             project_dir=args.output_dir,
             kwargs_handlers=[InitProcessGroupKwargs(backend=backend)] if backend else [],
