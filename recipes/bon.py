@@ -244,6 +244,11 @@ def score_samples(args, eval_prompts, completions, held_out, members, gold, cach
                 mean, var = model.predict(p, c, batch_size=args.score_batch_size, progress_bar=bar)
                 return list(zip(mean.tolist(), var.tolist(), strict=True))
 
+            def predict_pairs(p, pairs, model=model):
+                chosen, rejected = [c for c, _ in pairs], [r for _, r in pairs]
+                mean, var = model.predict_pairs(p, chosen, rejected, batch_size=args.score_batch_size)
+                return list(zip(mean.tolist(), var.tolist(), strict=True))
+
             def predict_relative(prompt_indices, model=model):
                 rows = np.concatenate([prompt_rows[i][0] for i in prompt_indices]).tolist()
                 counts = np.concatenate([prompt_rows[i][1] for i in prompt_indices]).tolist()
@@ -259,14 +264,13 @@ def score_samples(args, eval_prompts, completions, held_out, members, gold, cach
                     values[u] = record
             else:
                 values = np.asarray(score_sharded(predict, u_prompts, u_completions, state), dtype=np.float64)
-            diff_mean, diff_var = model.predict_pairs(
-                held_out["prompt"], held_out["chosen"], held_out["rejected"], batch_size=args.score_batch_size
-            )
+            pairs = list(zip(held_out["chosen"], held_out["rejected"], strict=True))
+            pair_values = np.asarray(score_sharded(predict_pairs, held_out["prompt"], pairs, state), dtype=np.float64)
             if state.is_main_process:
                 stage.start()
                 extra = {"rel_var": values[:, 2]} if relative else {}
                 np.savez(stage.path / "scores.npz", mean=values[:, 0], var=values[:, 1], **extra,
-                         pair_mean=diff_mean.double().numpy(), pair_var=diff_var.double().numpy())  # fmt: skip
+                         pair_mean=pair_values[:, 0], pair_var=pair_values[:, 1])  # fmt: skip
                 stage.finish()
             state.wait_for_everyone()
         data = np.load(stage.path / "scores.npz")

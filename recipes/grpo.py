@@ -104,33 +104,59 @@ class GRPOScriptArguments(WorldArguments):
 
 
 class GoldEvaluation:
-    """Samples the held-out prompts under a fixed seed and scores them: gold reward, the proxy's MAP reward, and the
-    KL to the SFT policy (sum over the completion of log pi - log pi_SFT). A `TrainerCallback` calls it."""
+    """Samples the held-out prompts under fixed seeds and scores them: gold reward, the proxy's MAP reward, and the
+    KL to the SFT policy (sum over the completion of log pi - log pi_SFT). A `TrainerCallback` calls it.
 
-    def __init__(self, args, policy_path, prompts, gold, proxy, device):
+    The held-out responses are cut into fixed chunks of `CHUNK`, each sampled under its own seed (from 1234 and the
+    chunk's index) and dealt to the processes, and the per-response results are gathered: the same numbers on 1 or N
+    processes, and the same draw at every evaluation (differences reflect the policy)."""
+
+    CHUNK = 16
+
+    def __init__(self, args, policy_path, prompts, gold, proxy, state):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from trl_bayes.distributed import whole_weights
+
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
-        self.reference = AutoModelForCausalLM.from_pretrained(policy_path).to(device).eval().requires_grad_(False)
+        with whole_weights():  # each process evaluates its own chunks
+            reference = AutoModelForCausalLM.from_pretrained(policy_path)
+        self.reference = reference.to(state.device).eval().requires_grad_(False)
         self.prompts = [p for p in prompts for _ in range(args.num_eval_generations)]
-        self.gold, self.proxy, self.args, self.torch = gold, proxy, args, torch
+        self.gold, self.proxy, self.args, self.state, self.torch = gold, proxy, args, state, torch
 
     def __call__(self, policy) -> dict[str, float]:
+        """`policy`: the plain model, its weights whole (under ZeRO-3: inside `unwrap_model_for_generation`)."""
+        from accelerate.utils import gather_object
+
+        chunks = list(range(0, len(self.prompts), self.CHUNK))
+        with self.state.split_between_processes(list(range(len(chunks)))) as local:
+            records = [r for c in local for r in self.evaluate_chunk(policy, c, chunks[c])]
+        if self.state.num_processes > 1:
+            records = gather_object(records)
+        kl, gold, proxy = (sum(r[j] for r in records) / len(records) for j in range(3))
+        return {"kl": kl, "gold_reward": gold, "proxy_reward": proxy}
+
+    def evaluate_chunk(self, policy, chunk: int, start: int) -> list[tuple[float, float, float]]:
+        """(KL, gold, proxy MAP reward) of each response of one chunk."""
         torch = self.torch
+        from trl_bayes.best_of_n import chunk_seed
         from trl_bayes.ppo import completion_mask, logprobs_from_logits
         from trl_bayes.reward import eval_mode, pad_token_ids
 
+        prompts = self.prompts[start : start + self.CHUNK]
         device = next(policy.parameters()).device
         input_ids, prompt_mask = pad_token_ids(
-            self.tokenizer(self.prompts)["input_ids"], self.tokenizer.pad_token_id, side="left"
+            self.tokenizer(prompts)["input_ids"], self.tokenizer.pad_token_id, side="left"
         )
         input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
         with torch.no_grad(), torch.random.fork_rng(devices=[]), eval_mode(policy):
-            torch.manual_seed(1234)  # the same draw at every evaluation: differences reflect the policy
+            torch.manual_seed(chunk_seed(1234, chunk))
             out = policy.generate(input_ids=input_ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
                                   temperature=self.args.grpo_temperature, max_new_tokens=self.args.max_new_tokens,
-                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)  # fmt: skip
+                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                                  synced_gpus=False)  # fmt: skip  # whole weights, own chunks: see BestOfNSampler
             completions = out[:, input_ids.shape[1] :]
             mask, _ = completion_mask(completions, [self.tokenizer.eos_token_id])
             completions = torch.where(mask.bool(), completions, self.tokenizer.pad_token_id)
@@ -141,16 +167,14 @@ class GoldEvaluation:
                 logits = model(input_ids=sequences, attention_mask=attention, position_ids=position_ids).logits
                 logits = logits[:, input_ids.shape[1] - 1 : -1].float() / self.args.grpo_temperature
                 logprobs.append(logprobs_from_logits(logits, completions))
-        kl = ((logprobs[0] - logprobs[1]) * mask).sum(1).mean().item()
+        kl = ((logprobs[0] - logprobs[1]) * mask).sum(1).tolist()
         texts = self.tokenizer.batch_decode(
             [row[: int(m.sum())] for row, m in zip(completions.tolist(), mask, strict=True)], skip_special_tokens=True
         )
-        gold = self.gold(prompts=self.prompts, completions=texts)
-        # The MAP reward, unpenalized (no variance needed).
-        proxy = torch.stack([m.predict(self.prompts, texts, 64, return_var=False)[0] for m in self.proxy.models]).mean(
-            0
-        )
-        return {"kl": kl, "gold_reward": sum(gold) / len(gold), "proxy_reward": proxy.mean().item()}
+        gold = self.gold(prompts=prompts, completions=texts)
+        # The MAP reward, unpenalized (no variance needed: a relative reward would also need whole groups here).
+        proxy = torch.stack([m.predict(prompts, texts, 64, return_var=False)[0] for m in self.proxy.models]).mean(0)
+        return list(zip(kl, gold, proxy.tolist(), strict=True))
 
 
 def run_grpo(args, training_args, method, seed, proxy_dir, policy_path, prompts, gold, cache, state):
@@ -160,6 +184,7 @@ def run_grpo(args, training_args, method, seed, proxy_dir, policy_path, prompts,
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from trl_bayes import BayesianRewardModel, PenalizedReward
+    from trl_bayes.distributed import unwrapped_whole
 
     method_key = [method, args.penalty, args.k] + (
         ["relative"] if method != "MAP" and args.uncertainty == "relative" else []
@@ -173,25 +198,32 @@ def run_grpo(args, training_args, method, seed, proxy_dir, policy_path, prompts,
         penalty = "none" if method == "MAP" else args.penalty
         uncertainty = "marginal" if method == "MAP" else args.uncertainty
         reward = PenalizedReward(model, penalty=penalty, k=args.k, batch_size=64, uncertainty=uncertainty)
-        evaluation = GoldEvaluation(args, policy_path, prompts[1], gold, reward, state.device)
+        evaluation = GoldEvaluation(args, policy_path, prompts[1], gold, reward, state)
         records: list[dict[str, Any]] = []
         times: list[float] = []
 
+        def evaluate() -> dict[str, float]:
+            # The policy with whole weights: under ZeRO-3 gathered (and DeepSpeed's hooks off) for the evaluation, so
+            # that each process can run its own chunks; elsewhere just unwrapped.
+            with unwrapped_whole(trainer.accelerator, trainer.model_wrapped) as policy:
+                return evaluation(policy)
+
         class GoldCallback(TrainerCallback):
-            def on_train_begin(self, train_args, trainer_state, control, model=None, **kwargs):
-                records.append({"step": 0, **evaluation(model)})
+            def on_train_begin(self, train_args, trainer_state, control, **kwargs):
+                records.append({"step": 0, **evaluate()})
                 self.clock = time.perf_counter()
 
-            def on_step_end(self, train_args, trainer_state, control, model=None, **kwargs):
+            def on_step_end(self, train_args, trainer_state, control, **kwargs):
                 times.append(time.perf_counter() - self.clock)
                 step = trainer_state.global_step
                 if step % args.grpo_eval_steps == 0 or step == trainer_state.max_steps:
-                    records.append({"step": step, **evaluation(model)})
+                    records.append({"step": step, **evaluate()})
                 self.clock = time.perf_counter()
 
         config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if args.trainer == "grpo" else (RLOOConfig, RLOOTrainer)
         config = config_cls(
-            output_dir=str(stage.path / "run"), use_cpu=training_args.use_cpu, bf16=False, report_to="none",
+            output_dir=str(stage.path / "run"), use_cpu=training_args.use_cpu, ddp_backend=training_args.ddp_backend,
+            bf16=False, report_to="none",
             seed=training_args.seed + seed, max_steps=args.grpo_steps, logging_steps=1, save_strategy="no",
             per_device_train_batch_size=args.grpo_prompts_per_step * args.num_generations,
             num_generations=args.num_generations, max_completion_length=args.max_new_tokens,

@@ -147,7 +147,8 @@ def ppo_config(args: PPOScriptArguments, training_args, output_dir: Path, seed: 
     from trl_bayes import PPOConfig
 
     return PPOConfig(
-        str(output_dir), use_cpu=training_args.use_cpu, bf16=args.ppo_bf16, report_to="none", disable_tqdm=True,
+        str(output_dir), use_cpu=training_args.use_cpu, ddp_backend=training_args.ddp_backend, bf16=args.ppo_bf16,
+        report_to="none", disable_tqdm=True,
         seed=seed, max_steps=args.ppo_steps, per_device_train_batch_size=args.ppo_micro_batch_size,
         gradient_accumulation_steps=args.ppo_batch_size // (args.ppo_micro_batch_size * args.ppo_mini_batches),
         num_mini_batches=args.ppo_mini_batches, num_ppo_epochs=args.ppo_epochs, learning_rate=args.ppo_learning_rate,
@@ -201,6 +202,7 @@ def run_ppo(args, training_args, method, seed, proxy_dirs, policy_path, prompts,
     from transformers.trainer_utils import get_last_checkpoint
 
     from trl_bayes import BayesianRewardModel, PenalizedReward, PPOTrainer
+    from trl_bayes.distributed import whole_weights
 
     stage = Stage(cache / "ppo", f"{method}-seed{seed}", ppo_key(args, method, seed, proxy_dirs))
     if not stage.done:
@@ -217,7 +219,8 @@ def run_ppo(args, training_args, method, seed, proxy_dirs, policy_path, prompts,
         tokenizer = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        policy = AutoModelForCausalLM.from_pretrained(policy_path)
+        with whole_weights():  # ZeRO-3 shards it in the trainer's `prepare`; the frozen reference copy stays whole
+            policy = AutoModelForCausalLM.from_pretrained(policy_path)
         peft_config = None
         if args.policy_lora_r:
             peft_config = LoraConfig(task_type="CAUSAL_LM", r=args.policy_lora_r, lora_alpha=2 * args.policy_lora_r)

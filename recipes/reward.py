@@ -17,8 +17,9 @@ keys.
     accelerate launch recipes/reward.py --config recipes/configs/reward.yaml --hessian_structure diag
     python recipes/reward.py --output_dir /tmp/rw --num_train_epochs 1
 
-    # several processes on a CPU-only machine: `--use_cpu true`, or transformers treats every process as the only one
-    accelerate launch --multi_gpu --num_processes 2 recipes/reward.py --use_cpu true
+    # several processes (DDP, DeepSpeed ZeRO-2/3; CPU variants: cpu_ddp, cpu_zero2, cpu_zero3): README, "Scaling"
+    accelerate launch --config_file recipes/accelerate/deepspeed_zero3.yaml recipes/reward.py
+    accelerate launch --config_file recipes/accelerate/cpu_ddp.yaml recipes/reward.py     # two CPU processes
 
     # a Hub model and a Hub preference dataset (plain-text `chosen`/`rejected`, with a `test` split), on a GPU
     accelerate launch recipes/reward.py \
@@ -364,7 +365,9 @@ def main(script_args, training_args, model_args):
 
     from trl_bayes import BayesianRewardModel, BayesianRewardTrainer
     from trl_bayes.diagnostics import pair_metrics
+    from trl_bayes.distributed import check_cpu_launch
 
+    check_cpu_launch(training_args.use_cpu)
     state = PartialState()
     seconds: dict[str, float] = {}
     start = clock = time.perf_counter()
@@ -463,6 +466,7 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
     from trl import ModelConfig, TrlParser
 
     from trl_bayes import BayesianRewardConfig
+    from trl_bayes.distributed import cpu_launch_defaults
 
     dataclass_types = (RewardScriptArguments, BayesianRewardConfig, ModelConfig)
     if subparsers is not None:
@@ -473,7 +477,8 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
         parser = TrlParser(dataclass_types, prog=prog)
     # Defaults that differ from ModelConfig/RewardConfig, for runs with a yaml that leaves them out. A yaml's keys
     # replace these, and flags replace both (TrlParser sets yaml values as argparse defaults).
-    parser.set_defaults(use_peft=True, lora_task_type="SEQ_CLS", output_dir="outputs/reward")
+    # Several CPU processes: gloo, and use_cpu for DDP but not for DeepSpeed (see `cpu_launch_defaults`).
+    parser.set_defaults(use_peft=True, lora_task_type="SEQ_CLS", output_dir="outputs/reward", **cpu_launch_defaults())
     return parser
 
 

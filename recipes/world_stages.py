@@ -8,14 +8,13 @@ labelled by the gold reward, and the proxies (LoRA reward models with their Lapl
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -167,11 +166,16 @@ class StageClock:
 
 
 def make_accelerator(training_args):
-    """The recipes' Accelerator: on CPU (`use_cpu`) a gloo process group, so that several CPU processes launched with
-    `accelerate launch --multi_gpu --num_processes N` form one group (without it each would run alone)."""
+    """The recipes' Accelerator: without CUDA a gloo process group (DDP over CPU processes, or DeepSpeed's CPU
+    accelerator), so that the processes of `accelerate launch --config_file recipes/accelerate/cpu_*.yaml` form one
+    group (without it each would run alone)."""
     from accelerate import Accelerator, InitProcessGroupKwargs
 
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if training_args.use_cpu else []
+    from trl_bayes.distributed import check_cpu_launch, process_group_backend
+
+    check_cpu_launch(training_args.use_cpu)
+    backend = process_group_backend()
+    handlers = [InitProcessGroupKwargs(backend=backend)] if backend else []
     return Accelerator(cpu=training_args.use_cpu, kwargs_handlers=handlers)
 
 
@@ -198,9 +202,12 @@ class SequenceClassifierReward:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from trl_bayes.distributed import whole_weights
+
         self.__name__ = Path(name_or_path).name
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1)
+        with whole_weights():  # each process scores its own share of the responses
+            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1)
         self.model.to(device).eval()
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -220,6 +227,27 @@ class SequenceClassifierReward:
             with self.torch.no_grad():
                 scores.extend(self.model(**batch).logits[:, 0].float().tolist())
         return scores
+
+
+class ShardedReward:
+    """A TRL reward function whose inputs are split over the processes and whose scores are gathered back, all of
+    them on every process: for a reward that every process calls on the same inputs (the gold labels of the pairs).
+    Each response is scored once, by one process; the scores are those of one process (a reward model's batches
+    differ, so its scores may differ in the last bits)."""
+
+    def __init__(self, reward, state):
+        self.reward, self.state = reward, state
+        self.__name__ = getattr(reward, "__name__", type(reward).__name__)
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        from accelerate.utils import gather_object
+
+        if self.state.num_processes == 1:
+            return list(self.reward(prompts=prompts, completions=completions, **kwargs))
+        with self.state.split_between_processes(list(range(len(prompts)))) as local:
+            local = list(local)
+            scores = self.reward(prompts=[prompts[i] for i in local], completions=[completions[i] for i in local])
+        return gather_object(list(scores) if local else [])
 
 
 def load_gold_reward(script_args: WorldArguments, device):
@@ -366,9 +394,12 @@ def load_policy(policy_path: str, device):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from trl_bayes.distributed import whole_weights
+
     tokenizer = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype).to(device).eval()
+    with whole_weights():  # each process samples its own prompts
+        policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype).to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # generation masks padding: any token works
     return policy, tokenizer
@@ -413,8 +444,9 @@ def sample_pairs(args, train_prompts, eval_prompts, policy_path, gold, cache, ac
             # Ties (equal gold) carry no label: draw 50% more than needed and keep the first `num` untied pairs.
             drawn = [rng.choice(prompts) for _ in range(math.ceil(1.5 * num) + 8)]
             completions = sampler.generate(drawn)
+            # Every process holds every pair; the gold labelling is split over processes and gathered.
             pairs = label_pairs(drawn, [c[0] for c in completions], [c[1] for c in completions],
-                                seed=args.world_seed + 7, label_noise=noise, gold=gold)  # fmt: skip
+                                seed=args.world_seed + 7, label_noise=noise, gold=ShardedReward(gold, accelerator))  # fmt: skip
             if len(pairs) < num:
                 raise RuntimeError(f"Only {len(pairs)} untied {split} pairs out of {len(drawn)} draws (wanted {num}).")
             datasets[split] = pairs.select(range(num))
@@ -458,8 +490,9 @@ def train_proxy(member_dir: Path, seed: int, pairs, policy_path, args, training_
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    member_args = copy.deepcopy(training_args)
-    member_args.output_dir, member_args.seed, member_args.data_seed = str(member_dir), seed, seed
+    # A fresh config (not a copy): building one resets Accelerate's state, so that the trainer's Accelerator may carry
+    # the DeepSpeed plugin after the world's trainers and samplers had theirs.
+    member_args = replace(training_args, output_dir=str(member_dir), seed=seed, data_seed=seed)
     peft_config = get_peft_config(model_args)
     trainer = BayesianRewardTrainer(
         model=model, args=member_args, train_dataset=pairs, processing_class=tokenizer, peft_config=peft_config
@@ -521,9 +554,11 @@ def recipe_parser(script_arguments_class, output_dir: str):
     from trl import ModelConfig, TrlParser
 
     from trl_bayes import BayesianRewardConfig
+    from trl_bayes.distributed import cpu_launch_defaults
 
     parser = TrlParser((script_arguments_class, BayesianRewardConfig, ModelConfig))
-    parser.set_defaults(use_peft=True, lora_task_type="SEQ_CLS", output_dir=output_dir)
+    # Several CPU processes: gloo, and use_cpu for DDP but not for DeepSpeed (see `cpu_launch_defaults`).
+    parser.set_defaults(use_peft=True, lora_task_type="SEQ_CLS", output_dir=output_dir, **cpu_launch_defaults())
     return parser
 
 

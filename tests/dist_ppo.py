@@ -1,6 +1,7 @@
-"""Three PPO steps on a tiny policy; run by tests/test_ppo.py under two processes.
+"""Three PPO steps on a tiny policy; run by tests/test_ppo.py under two processes, with DDP or DeepSpeed ZeRO-2/3.
 
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no tests/dist_ppo.py OUT
+    accelerate launch --config_file recipes/accelerate/cpu_zero3.yaml tests/dist_ppo.py OUT
 
 Each process writes OUT/rank<i>.pt: its policy and value weights after training, the initial weights, and the
 completions it was scored on. DDP averages the gradients, so the weights must be identical across processes while the
@@ -17,6 +18,7 @@ from datasets import Dataset
 from transformers import GPTNeoXForCausalLM, GPTNeoXForTokenClassification
 
 from trl_bayes import PPOConfig, PPOTrainer
+from trl_bayes.distributed import cpu_launch_defaults
 from trl_bayes.synthetic import build_tokenizer, tiny_gpt_neox_config, world_prompts
 
 
@@ -42,7 +44,8 @@ def main(out: Path) -> None:
     value_model = GPTNeoXForTokenClassification(config)
     initial = {k: v.clone() for k, v in policy.state_dict().items()}
     args = PPOConfig(
-        str(out / "run"), use_cpu=True, bf16=False, report_to="none", disable_tqdm=True, save_strategy="no",
+        str(out / "run"), bf16=False, report_to="none", disable_tqdm=True, save_strategy="no",
+        **cpu_launch_defaults(),
         per_device_train_batch_size=4, gradient_accumulation_steps=2, num_mini_batches=2, num_ppo_epochs=2,
         max_new_tokens=6, temperature=1.0, learning_rate=3e-3, max_steps=3, adaptive_kl=True, seed=0,
     )  # fmt: skip
@@ -51,13 +54,17 @@ def main(out: Path) -> None:
                          value_model=value_model)  # fmt: skip
     trainer.train()
     accelerator = trainer.accelerator
+    with trainer._whole() as whole:  # every process's own weights; gathered under ZeRO-3
+        policy, value = ({k: v.clone() for k, v in m.state_dict().items()} for m in (whole.policy, whole.value_model))
     record = {
         "num_processes": accelerator.num_processes,
-        "policy": accelerator.unwrap_model(trainer.model).state_dict(),
-        "value": accelerator.unwrap_model(trainer.value_model).state_dict(),
+        "distributed_type": str(accelerator.distributed_type),
+        "policy": policy,
+        "value": value,
         "initial": initial,
         "completions": reward.seen,
         "kl_coef": trainer.kl_controller.value,
+        "learning_rates": [entry["learning_rate"] for entry in trainer.log_history],
     }
     torch.save(record, out / f"rank{accelerator.process_index}.pt")
 

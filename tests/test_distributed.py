@@ -17,8 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from trl_bayes.distributed import check_cpu_launch, cpu_launch_defaults
+
 SCRIPT = Path(__file__).with_name("dist_fit_posterior.py")
 ACCELERATE = Path(sys.executable).with_name("accelerate")
+CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
 
 
 def _free_port() -> int:
@@ -31,6 +34,13 @@ def _two_processes(script: Path, *args: str) -> list[str]:
     """The command that runs `script` in two gloo processes on this CPU machine."""
     launch = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     return [*launch, "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(script), *args]
+
+
+def _launch(config: str, script: Path, *args: str) -> list[str]:
+    """The command that runs `script` under `recipes/accelerate/cpu_<config>.yaml` (ddp, zero2, zero3): two gloo
+    processes on this CPU machine, as a user launches them."""
+    launch = [str(ACCELERATE), "launch", "--config_file", str(CONFIGS / f"cpu_{config}.yaml")]
+    return [*launch, "--main_process_port", str(_free_port()), str(script), *args]
 
 
 def _run(command: list[str], check: bool = True) -> subprocess.CompletedProcess:
@@ -60,13 +70,26 @@ def test_two_process_posterior_equals_one_process(tmp_path):
         assert m2["prior_precision"] == pytest.approx(m1["prior_precision"], rel=1e-5)
 
 
-@pytest.mark.slow
-def test_two_cpu_processes_without_use_cpu_fail_fast(tmp_path):
-    """Without `use_cpu=True`, transformers gives each CPU process a world of its own; they would all train alone and
-    overwrite each other's files. The trainer refuses before any work."""
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "reward.py"
-    args = ["--output_dir", str(tmp_path / "out"), "--num_train_pairs", "16", "--num_eval_pairs", "4"]
-    result = _run(_two_processes(recipe, *args), check=False)
-    assert result.returncode != 0
-    assert "processes were launched but the trainer sees 1" in result.stderr
-    assert not (tmp_path / "out" / "laplace_posterior.safetensors").exists()
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"WORLD_SIZE": "1"}, {}),
+        ({"WORLD_SIZE": "2"}, {"ddp_backend": "gloo", "use_cpu": True}),
+        ({"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, {"ddp_backend": "gloo", "use_cpu": False}),
+    ],
+)
+def test_cpu_launch_defaults(monkeypatch, env, expected):
+    """Without CUDA the recipes default to gloo, and to use_cpu under DDP only: under DeepSpeed it would make
+    Accelerate drop DeepSpeed, without it under DDP each CPU process would train alone."""
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cpu_launch_defaults() == expected
+
+
+def test_use_cpu_under_deepspeed_is_refused(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="Drop `--use_cpu true`"):
+        check_cpu_launch(True)
+    check_cpu_launch(False)

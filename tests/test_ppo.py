@@ -30,7 +30,7 @@ from trl_bayes.ppo import (
 from trl_bayes.synthetic import CATEGORIES, build_tokenizer, gold_reward, tiny_gpt_neox_config, world_prompts
 
 from .conftest import make_trainer
-from .test_distributed import _run, _two_processes
+from .test_distributed import _launch, _run
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pure functions, hand-computed
@@ -345,17 +345,36 @@ def test_bad_config_fails_fast(tmp_path, kwargs, message):
 
 
 @pytest.mark.slow
-def test_two_processes_keep_the_policies_identical(tmp_path):
+def test_two_processes_keep_the_policies_identical_under_ddp_zero2_zero3(tmp_path):
+    """DDP, ZeRO-2 and ZeRO-3 (recipes/accelerate/cpu_*.yaml): each process samples its own completions, the policy
+    and value weights stay identical across processes, and the three agree up to reduction order."""
     script = Path(__file__).with_name("dist_ppo.py")
-    _run(_two_processes(script, str(tmp_path)))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    assert ranks[0]["num_processes"] == ranks[1]["num_processes"] == 2
-    assert ranks[0]["completions"] != ranks[1]["completions"], "each process must sample its own completions"
-    for part in ("policy", "value"):
-        for name, value in ranks[0][part].items():
-            torch.testing.assert_close(ranks[1][part][name], value, rtol=0, atol=0, msg=f"{part}: {name}")
-    changed = [k for k, v in ranks[0]["policy"].items() if not torch.equal(v, ranks[0]["initial"][k])]
-    assert changed, "the policy did not train"
+    runs = {}
+    for config in ("ddp", "zero2", "zero3"):
+        (tmp_path / config).mkdir()
+        _run(_launch(config, script, str(tmp_path / config)))
+        ranks = [torch.load(tmp_path / config / f"rank{r}.pt") for r in (0, 1)]
+        assert ranks[0]["num_processes"] == ranks[1]["num_processes"] == 2
+        assert ("DEEPSPEED" in ranks[0]["distributed_type"]) == (config != "ddp")
+        assert ranks[0]["completions"] != ranks[1]["completions"], "each process must sample its own completions"
+        for part in ("policy", "value"):
+            for name, value in ranks[0][part].items():
+                torch.testing.assert_close(ranks[1][part][name], value, rtol=0, atol=0, msg=f"{config} {part}: {name}")
+        # The linear schedule counts optimizer steps (3 PPO steps x 2 epochs x 2 minibatches = 12), the same on every
+        # process: after each PPO step lr = 3e-3 (1 - 4 step / 12), as on one process (Accelerate's default would step
+        # it once per process and reach 0 half-way).
+        assert ranks[0]["learning_rates"] == pytest.approx([2e-3, 1e-3, 0.0], abs=1e-12), config
+        changed = [k for k, v in ranks[0]["policy"].items() if not torch.equal(v, ranks[0]["initial"][k])]
+        assert len(changed) == len(ranks[0]["policy"]), f"{config}: not every policy weight trained"
+        runs[config] = ranks[0]
+    for config in ("zero2", "zero3"):
+        # The same completions (sampling sees weights equal to ~1e-6), and weights equal up to the order of the
+        # gradient reductions (DeepSpeed buckets and averages differently from DDP), amplified by 3 steps x 4 Adam
+        # updates at lr <= 3e-3: about 1e-5 (measured 6e-6).
+        assert runs[config]["completions"] == runs["ddp"]["completions"], config
+        for part in ("policy", "value"):
+            for name, value in runs["ddp"][part].items():
+                torch.testing.assert_close(runs[config][part][name], value, rtol=0, atol=1e-4, msg=f"{config}: {name}")
 
 
 if __name__ == "__main__":

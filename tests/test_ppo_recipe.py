@@ -89,18 +89,3 @@ def test_paper_config_parses_into_the_paper_plan(tmp_path):
     assert "EleutherAI/pythia-70m + LoRA r=8 alpha=16, kron Laplace, 3 seeds x 1 members" in plan
     assert "methods ['MAP', 'LA (std, k=1)']" in plan and "max_new_tokens=300" in plan
     assert not (tmp_path / "cache").exists()
-
-
-@pytest.mark.slow
-def test_two_cpu_processes_run_the_recipe(tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2 recipes/ppo.py --use_cpu true`: stages, PPO runs (several
-    trainers in one script share the process group) and results."""
-    from .test_distributed import _run as run_command
-    from .test_distributed import _two_processes
-
-    out = tmp_path / "two"
-    tiny = [f for f in TINY if f != "LA-Ens"]
-    run_command(_two_processes(RECIPE, "--use_cpu", "true", "--output_dir", str(out), *tiny))
-    with (out / "ppo_results.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    assert {r["method"] for r in rows} == {"MAP", "LA"} and {int(r["step"]) for r in rows} == {0, 1, 2}

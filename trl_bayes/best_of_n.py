@@ -443,6 +443,9 @@ class BestOfNSampler:
                         attention_mask=attention_mask[start : start + step].to(device),
                         generation_config=self.generation_config,
                         logits_processor=LogitsProcessorList([RefuseNaNLogits()]),
+                        # Each process runs its own chunks on a whole (never ZeRO-3-sharded) policy: no step-by-step
+                        # sync, which transformers turns on whenever a ZeRO-3 config is live and would deadlock here.
+                        synced_gpus=False,
                     )
                     new_tokens.extend(output[:, input_ids.shape[1] :].tolist())
         texts, finished, token_ids = [], [], []

@@ -47,6 +47,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
+from .distributed import process_group_backend, unwrapped_whole, whole_weights
 from .reward import BayesianRewardModel, PenalizedReward, pad_token_ids
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -384,6 +385,23 @@ class Rollout:
         return {name: getattr(self, name)[index] for name in names}
 
 
+class PolicyAndValue(torch.nn.Module):
+    """The policy and the value model as one module: DeepSpeed takes one model per `accelerator.prepare`, and one
+    forward gives both outputs (so DDP syncs both models' gradients through one wrapper)."""
+
+    def __init__(self, policy: torch.nn.Module, value_model: torch.nn.Module):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+    # Read by TRL's `unwrap_model_for_generation` (which would switch checkpointing off around generation); this
+    # trainer never checkpoints activations.
+    is_gradient_checkpointing = False
+
+    def forward(self, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy logits `(B, L, V)` and values `(B, L, 1)` of the same inputs."""
+        return self.policy(**inputs).logits, self.value_model(**inputs).logits
+
+
 class PPOTrainer:
     """PPO on Accelerate with a reward callable; see the module docstring for the steps and [`PPOConfig`].
 
@@ -429,13 +447,19 @@ class PPOTrainer:
                 "The policy's tokenizer has no pad token, which batching prompts needs. Set one, e.g. "
                 "`tokenizer.pad_token = tokenizer.eos_token` (padding is masked, so any token works)."
             )
-        # CPU processes talk over gloo; `cpu=use_cpu` keeps a CPU launch of several processes one process group.
+        # CPU processes talk over gloo (DDP, or DeepSpeed's CPU accelerator); `cpu=use_cpu` keeps a DDP launch of
+        # several CPU processes one process group. Micro batches accumulate through Accelerate (and DeepSpeed). The
+        # scheduler counts optimizer steps, the same on every process: one scheduler step per optimizer step
+        # (Accelerate's default steps it once per process, for schedules counted in samples of all processes).
+        backend = "gloo" if args.use_cpu else process_group_backend()
         self.accelerator = Accelerator(
             cpu=args.use_cpu,
             mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            step_scheduler_with_optimizer=False,
             log_with=args.report_to or None,
             project_dir=args.output_dir,
-            kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if args.use_cpu else [],
+            kwargs_handlers=[InitProcessGroupKwargs(backend=backend)] if backend else [],
         )
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != self.accelerator.num_processes:
@@ -446,7 +470,8 @@ class PPOTrainer:
         set_seed(args.seed)  # the same initialization (value head, LoRA) on every process
 
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model)
+            with whole_weights():  # sharded (if at all) by `prepare` below, the frozen reference copy stays whole
+                model = AutoModelForCausalLM.from_pretrained(model)
         if peft_config is not None:
             model = get_peft_model(model, peft_config)
         self.is_peft = isinstance(model, PeftModel)
@@ -456,7 +481,8 @@ class PPOTrainer:
         if value_model is None:
             if not base.name_or_path:
                 raise ValueError("The policy has no checkpoint path to build a value model from: pass `value_model`.")
-            value_model = AutoModelForTokenClassification.from_pretrained(base.name_or_path, num_labels=1)
+            with whole_weights():
+                value_model = AutoModelForTokenClassification.from_pretrained(base.name_or_path, num_labels=1)
         if value_model.config.pad_token_id is None:
             value_model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -506,8 +532,16 @@ class PPOTrainer:
             updates,
             **(args.lr_scheduler_kwargs or {}),
         )
-        self.model, self.value_model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-            model, value_model, optimizer, scheduler
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is not None:
+            # DeepSpeed reads the micro batch from a dataloader, which PPO has none of, and clips gradients itself.
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
+            if plugin.deepspeed_config.get("gradient_clipping", "auto") == "auto":
+                plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm or 0.0
+        # One module for DeepSpeed (ZeRO shards both models, the optimizer states and the gradients); the reference
+        # policy stays outside, whole and frozen on every process.
+        self.policy_and_value, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+            PolicyAndValue(model, value_model), optimizer, scheduler
         )
         self.generation_config = GenerationConfig(
             do_sample=True,
@@ -521,6 +555,20 @@ class PPOTrainer:
         self.kl_controller = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
         self.global_step = 0
         self.log_history: list[dict[str, float]] = []
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The policy (a `PeftModel` for a LoRA policy); under ZeRO-3 its weights are sharded outside `_whole`."""
+        return self.accelerator.unwrap_model(self.policy_and_value).policy
+
+    @property
+    def value_model(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.policy_and_value).value_model
+
+    def _whole(self):
+        """A context giving the `PolicyAndValue` module with whole weights: under ZeRO-3 gathered (DeepSpeed's hooks off),
+        for the parts where processes do unequal work (generation, sharded evaluation); elsewhere just unwrapped."""
+        return unwrapped_whole(self.accelerator, self.policy_and_value)
 
     # -- data ------------------------------------------------------------------------------------------------------
     def _tokenize_prompts(self, dataset: Dataset, name: str) -> tuple[list[Any], list[list[int]]]:
@@ -563,9 +611,9 @@ class PPOTrainer:
 
     # -- rollout pieces --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _generate(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Sampled sequences: input_ids and attention mask `(B, P + T)` (padding after the first EOS), and P."""
-        policy = self.accelerator.unwrap_model(self.model)
+    def _generate(self, policy, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Sampled sequences: input_ids and attention mask `(B, P + T)` (padding after the first EOS), and P.
+        `policy`: the plain policy with whole weights (`_whole`)."""
         device = self.accelerator.device
         chunk = self.args.rollout_batch_size or len(prompt_ids)
         prompts, prompt_mask = pad_token_ids(prompt_ids, self.tokenizer.pad_token_id, side="left")
@@ -575,6 +623,7 @@ class PPOTrainer:
                 input_ids=prompts[i : i + chunk].to(device),
                 attention_mask=prompt_mask[i : i + chunk].to(device),
                 generation_config=self.generation_config,
+                synced_gpus=False,  # whole weights: each process generates alone (see `_whole`)
             )
             outputs.append(out[:, prompts.shape[1] :])
         length = max(o.shape[1] for o in outputs)
@@ -599,10 +648,9 @@ class PPOTrainer:
         return logprobs_from_logits(logits, input_ids[:, prompt_length:]), logits
 
     @torch.no_grad()
-    def _ref_logprobs(self, input_ids, attention_mask, prompt_length: int) -> torch.Tensor:
+    def _ref_logprobs(self, policy, input_ids, attention_mask, prompt_length: int) -> torch.Tensor:
         if self.ref_model is not None:
             return self._logprobs(self.ref_model, input_ids, attention_mask, prompt_length)[0]
-        policy = self.accelerator.unwrap_model(self.model)
         with policy.disable_adapter():  # the reference is the base model: no second copy
             return self._logprobs(policy, input_ids, attention_mask, prompt_length)[0]
 
@@ -679,33 +727,35 @@ class PPOTrainer:
         reward_metrics: dict[str, list[float]] = defaultdict(list)
         timer = time.perf_counter()
 
-        # 1. generate
-        input_ids, attention_mask, prompt_length = self._generate([self.train_prompt_ids[i] for i in indices])
-        mask = attention_mask[:, prompt_length:].float()
-        finished = (input_ids[:, prompt_length:] == self.tokenizer.eos_token_id).any(1)
-        t_generation, timer = time.perf_counter() - timer, time.perf_counter()
+        # Steps 1-3 need no gradients: the whole weights once (under ZeRO-3 one gather; processes then run alone).
+        with self._whole() as whole:
+            # 1. generate
+            input_ids, attention_mask, prompt_length = self._generate(
+                whole.policy, [self.train_prompt_ids[i] for i in indices]
+            )
+            mask = attention_mask[:, prompt_length:].float()
+            finished = (input_ids[:, prompt_length:] == self.tokenizer.eos_token_id).any(1)
+            t_generation, timer = time.perf_counter() - timer, time.perf_counter()
 
-        # 2. score: the reward sees text (its tokenizer may differ from the policy's)
-        completions, completion_ids = self._decode(prompts, input_ids, mask, prompt_length)
-        log_metric = functools.partial(_append, reward_metrics)
-        scores = self._score(self.reward_func, prompts, completions, completion_ids, log_metric)
-        if args.missing_eos_penalty is not None:
-            scores = scores - args.missing_eos_penalty * (~finished).float()
-        t_scoring, timer = time.perf_counter() - timer, time.perf_counter()
+            # 2. score: the reward sees text (its tokenizer may differ from the policy's)
+            completions, completion_ids = self._decode(prompts, input_ids, mask, prompt_length)
+            log_metric = functools.partial(_append, reward_metrics)
+            scores = self._score(self.reward_func, prompts, completions, completion_ids, log_metric)
+            if args.missing_eos_penalty is not None:
+                scores = scores - args.missing_eos_penalty * (~finished).float()
+            t_scoring, timer = time.perf_counter() - timer, time.perf_counter()
 
-        # 3. reference: log-probabilities under the policy and the reference, and values, without gradients
-        chunk = args.rollout_batch_size or len(indices)
-        policy = accelerator.unwrap_model(self.model)
-        value_model = accelerator.unwrap_model(self.value_model)
-        logprobs, ref_logprobs, values, entropy = [], [], [], []
-        with torch.no_grad():
-            for i in range(0, len(indices), chunk):
-                ids, att = input_ids[i : i + chunk], attention_mask[i : i + chunk]
-                lp, logits = self._logprobs(policy, ids, att, prompt_length)
-                logprobs.append(lp)
-                entropy.append(entropy_from_logits(logits))
-                ref_logprobs.append(self._ref_logprobs(ids, att, prompt_length))
-                values.append(self._forward(value_model, ids, att, prompt_length)[..., 0])
+            # 3. reference: log-probabilities under the policy and the reference, and values, without gradients
+            chunk = args.rollout_batch_size or len(indices)
+            logprobs, ref_logprobs, values, entropy = [], [], [], []
+            with torch.no_grad():
+                for i in range(0, len(indices), chunk):
+                    ids, att = input_ids[i : i + chunk], attention_mask[i : i + chunk]
+                    lp, logits = self._logprobs(whole.policy, ids, att, prompt_length)
+                    logprobs.append(lp)
+                    entropy.append(entropy_from_logits(logits))
+                    ref_logprobs.append(self._ref_logprobs(whole.policy, ids, att, prompt_length))
+                    values.append(self._forward(whole.value_model, ids, att, prompt_length)[..., 0])
         logprobs, ref_logprobs = torch.cat(logprobs).float(), torch.cat(ref_logprobs).float()
         values, entropy = torch.cat(values).float(), torch.cat(entropy).float()
 
@@ -763,32 +813,34 @@ class PPOTrainer:
             order = torch.randperm(batch)
             for start in range(0, batch, minibatch):
                 for micro_start in range(start, start + minibatch, micro):
-                    # Every micro batch syncs gradients (no `no_sync`): simpler, and the sum is the same.
                     mb = rollout.select(order[micro_start : micro_start + micro].to(rollout.input_ids.device))
-                    new_logprobs, logits = self._logprobs(
-                        self.model, mb["input_ids"], mb["attention_mask"], rollout.prompt_length
-                    )
-                    new_values = self._forward(
-                        self.value_model, mb["input_ids"], mb["attention_mask"], rollout.prompt_length
-                    )[..., 0]
-                    pg_loss, pg_clipfrac, approx_kl = policy_loss(
-                        new_logprobs.float(), mb["logprobs"], mb["advantages"], mb["mask"], args.cliprange
-                    )
-                    vf_loss, vf_clipfrac = value_loss(
-                        new_values.float(), mb["values"], mb["returns"], mb["mask"], args.cliprange_value
-                    )
-                    loss = pg_loss + args.vf_coef * vf_loss
-                    accelerator.backward(loss / args.gradient_accumulation_steps)
+                    # The minibatch's micro batches accumulate; gradients sync (DDP) or the optimizer steps (DeepSpeed,
+                    # inside `backward`) at its last one. Each minibatch is `gradient_accumulation_steps` micro batches.
+                    with accelerator.accumulate(self.policy_and_value):
+                        ids, att, length = mb["input_ids"], mb["attention_mask"], rollout.prompt_length
+                        position_ids = (att.cumsum(1) - 1).clamp(min=0)
+                        logits, new_values = self.policy_and_value(
+                            input_ids=ids, attention_mask=att, position_ids=position_ids
+                        )
+                        logits = logits[:, length - 1 : -1] / args.temperature
+                        new_logprobs = logprobs_from_logits(logits, ids[:, length:])
+                        new_values = new_values[:, length - 1 : -1, 0]
+                        pg_loss, pg_clipfrac, approx_kl = policy_loss(
+                            new_logprobs.float(), mb["logprobs"], mb["advantages"], mb["mask"], args.cliprange
+                        )
+                        vf_loss, vf_clipfrac = value_loss(
+                            new_values.float(), mb["values"], mb["returns"], mb["mask"], args.cliprange_value
+                        )
+                        loss = pg_loss + args.vf_coef * vf_loss
+                        accelerator.backward(loss)  # divided by gradient_accumulation_steps by Accelerate / DeepSpeed
                     with torch.no_grad():
                         stats["policy/entropy"].append(masked_mean(entropy_from_logits(logits.float()), mb["mask"]))
                     for name, value in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("policy/clipfrac", pg_clipfrac),
                                         ("policy/approxkl", approx_kl), ("val/clipfrac", vf_clipfrac)):  # fmt: skip
                         stats[name].append(value.detach())
                 if args.max_grad_norm is not None and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(
-                        [p for m in (self.model, self.value_model) for p in m.parameters() if p.requires_grad],
-                        args.max_grad_norm,
-                    )
+                    # Under DeepSpeed the engine clipped already (`gradient_clipping` in its config): a no-op here.
+                    accelerator.clip_grad_norm_(self.policy_and_value.parameters(), args.max_grad_norm)
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad()
@@ -810,7 +862,8 @@ class PPOTrainer:
         accelerator = self.accelerator
         jobs = [i for i in range(len(self.eval_prompts)) for _ in range(self.args.num_eval_generations)]
         records, logged = [], []
-        with accelerator.split_between_processes(jobs) as local:
+        # Whole weights: the processes evaluate unequal shares (under ZeRO-3 the weights are gathered once for it).
+        with accelerator.split_between_processes(jobs) as local, self._whole() as whole:
             local = list(local)
             device = accelerator.device
             with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
@@ -820,12 +873,13 @@ class PPOTrainer:
                 for start in range(0, len(local), chunk):
                     idx = local[start : start + chunk]
                     prompts = [self.eval_prompts[i] for i in idx]
-                    input_ids, attention_mask, prompt_length = self._generate([self.eval_prompt_ids[i] for i in idx])
+                    input_ids, attention_mask, prompt_length = self._generate(
+                        whole.policy, [self.eval_prompt_ids[i] for i in idx]
+                    )
                     mask = attention_mask[:, prompt_length:].float()
                     completions, completion_ids = self._decode(prompts, input_ids, mask, prompt_length)
-                    policy = accelerator.unwrap_model(self.model)
-                    logprobs = self._logprobs(policy, input_ids, attention_mask, prompt_length)[0]
-                    ref_logprobs = self._ref_logprobs(input_ids, attention_mask, prompt_length)
+                    logprobs = self._logprobs(whole.policy, input_ids, attention_mask, prompt_length)[0]
+                    ref_logprobs = self._ref_logprobs(whole.policy, input_ids, attention_mask, prompt_length)
                     kl = ((logprobs - ref_logprobs) * mask).sum(1)
                     gold = self._score(self.gold_reward, prompts, completions, completion_ids)
                     # What the proxy logs is a batch mean: weight it by the batch size to average over completions.
@@ -888,8 +942,11 @@ class PPOTrainer:
         """Save the policy (the adapter for a PEFT policy) and its tokenizer."""
         output_dir = output_dir or self.args.output_dir
         self.accelerator.wait_for_everyone()
+        # Every process takes part (under ZeRO-3 the weights are gathered; that needs `zero3_save_16bit_model: true`).
+        state = self.accelerator.get_state_dict(self.policy_and_value)
         if self.accelerator.is_main_process:
-            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+            policy = {name.removeprefix("policy."): t for name, t in state.items() if name.startswith("policy.")}
+            self.model.save_pretrained(output_dir, state_dict=policy)
             self.tokenizer.save_pretrained(output_dir)
         self.accelerator.wait_for_everyone()
 

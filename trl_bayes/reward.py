@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 from trl.data_utils import _tokenize
 
+from .distributed import whole_weights
 from .laplace_lora import (
     RewardPairModel,
     glm_variance,
@@ -424,9 +425,10 @@ class BayesianRewardModel:
         if torch_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"torch_dtype={torch_dtype}: the Laplace posterior needs torch.float32 or torch.float64.")
         kwargs: dict[str, Any] = {"num_labels": 1, "attn_implementation": "eager", "dtype": torch_dtype}
-        base = AutoModelForSequenceClassification.from_pretrained(base_model, **kwargs)
-        base.config.pad_token_id = tokenizer.pad_token_id
-        model = PeftModel.from_pretrained(base, directory, is_trainable=True)
+        with whole_weights():  # each process scores its own share: never sharded by a ZeRO-3 launch
+            base = AutoModelForSequenceClassification.from_pretrained(base_model, **kwargs)
+            base.config.pad_token_id = tokenizer.pad_token_id
+            model = PeftModel.from_pretrained(base, directory, is_trainable=True)
         model.to(torch_dtype)  # PEFT keeps adapters in float32 by default
         if device is not None:
             model.to(device)

@@ -10,6 +10,7 @@ from datasets import Dataset
 from trl import RewardTrainer
 from trl.data_utils import get_dataset_column_names
 
+from .distributed import gathered_model
 from .laplace_lora import (
     PriorPrecisionMethod,
     RewardPairModel,
@@ -133,11 +134,6 @@ class BayesianRewardTrainer(RewardTrainer):
             The [`BayesianRewardModel`], also kept as `self.posterior`.
         """
         args, start = self.args, time.perf_counter()
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise NotImplementedError(
-                "fit_posterior() needs the LoRA weights whole on every process; DeepSpeed ZeRO-3 shards them. Fit the "
-                "posterior in a ZeRO-2 or DDP run from the saved adapter (`fit_posterior` works without `train()`)."
-            )
         if dataset is None:
             dataset = self.train_dataset
         else:
@@ -159,50 +155,56 @@ class BayesianRewardTrainer(RewardTrainer):
         all_reduce = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
         pad_token_id = self.processing_class.pad_token_id
         requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        embeddings_hooks = pop_input_require_grads_hooks(model)
-        try:  # the model's trainable flags and hooks come back whatever happens
-            names = select_laplace_parameters(model, args.subset_of_weights)
-            la = make_laplace(RewardPairModel(model), args.hessian_structure, args.prior_precision, args.kfac_approx)
-            fit_laplace(
-                la,
-                pairs,
-                pad_token_id,
-                args.posterior_batch_size,
-                acc.process_index,
-                acc.num_processes,
-                all_reduce,
-                progress_bar=acc.is_local_main_process and not args.disable_tqdm,
-                device=acc.device,
-                laplace_backend=args.laplace_backend,
-            )
-            if args.optimize_prior_precision == PriorPrecisionMethod.MARGLIK:
-                optimize_prior_precision_marglik(la, args.prior_precision, args.prior_precision_steps)
-            elif args.optimize_prior_precision == PriorPrecisionMethod.GRIDSEARCH:
-                model.eval()
-                mine = val_pairs[acc.process_index :: acc.num_processes]
-                grid = torch.tensor(args.prior_precision_grid, dtype=torch.float64)
-
-                def jacobian_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-                    input_ids, attention_mask = (batch[k].to(acc.device) for k in ("input_ids", "attention_mask"))
-                    if args.laplace_backend:
-                        return reward_jacobians(model, la.params, input_ids, attention_mask)
-                    layers = laplace_layers(model, la.params)
-                    return batch_jacobians(model, la.params, layers, input_ids, attention_mask)
-
-                optimize_prior_precision_gridsearch(
+        # Under ZeRO-3 the weights are sharded: the fit runs on the whole model, gathered on every process (see
+        # `gathered_model` for what that costs); each process still fits its own share of the pairs. A no-op otherwise.
+        with gathered_model(acc, self.model_wrapped, model):
+            embeddings_hooks = pop_input_require_grads_hooks(model)
+            try:  # the model's trainable flags and hooks come back whatever happens
+                names = select_laplace_parameters(model, args.subset_of_weights)
+                shapes = [list(p.shape) for n, p in model.named_parameters() if n in names]  # whole, even under ZeRO-3
+                la = make_laplace(
+                    RewardPairModel(model), args.hessian_structure, args.prior_precision, args.kfac_approx
+                )
+                fit_laplace(
                     la,
-                    jacobian_fn,
-                    mine,
+                    pairs,
                     pad_token_id,
                     args.posterior_batch_size,
-                    grid,
+                    acc.process_index,
+                    acc.num_processes,
                     all_reduce,
+                    progress_bar=acc.is_local_main_process and not args.disable_tqdm,
+                    device=acc.device,
+                    laplace_backend=args.laplace_backend,
                 )
-        finally:
-            for name, p in model.named_parameters():
-                p.requires_grad_(requires_grad[name])
-            model.train(self.model.training)
-            model.get_input_embeddings()._forward_hooks.update(embeddings_hooks)
+                if args.optimize_prior_precision == PriorPrecisionMethod.MARGLIK:
+                    optimize_prior_precision_marglik(la, args.prior_precision, args.prior_precision_steps)
+                elif args.optimize_prior_precision == PriorPrecisionMethod.GRIDSEARCH:
+                    model.eval()
+                    mine = val_pairs[acc.process_index :: acc.num_processes]
+                    grid = torch.tensor(args.prior_precision_grid, dtype=torch.float64)
+
+                    def jacobian_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                        input_ids, attention_mask = (batch[k].to(acc.device) for k in ("input_ids", "attention_mask"))
+                        if args.laplace_backend:
+                            return reward_jacobians(model, la.params, input_ids, attention_mask)
+                        layers = laplace_layers(model, la.params)
+                        return batch_jacobians(model, la.params, layers, input_ids, attention_mask)
+
+                    optimize_prior_precision_gridsearch(
+                        la,
+                        jacobian_fn,
+                        mine,
+                        pad_token_id,
+                        args.posterior_batch_size,
+                        grid,
+                        all_reduce,
+                    )
+            finally:
+                for name, p in model.named_parameters():
+                    p.requires_grad_(requires_grad[name])
+                model.train(self.model.training)
+                model.get_input_embeddings()._forward_hooks.update(embeddings_hooks)
 
         metadata = {
             "format_version": FORMAT_VERSION,
@@ -214,7 +216,7 @@ class BayesianRewardTrainer(RewardTrainer):
             "n_data": int(la.n_data),
             "n_params": int(la.n_params),
             "base_model": self._base_model_name,
-            "parameters": [{"name": n, "shape": list(p.shape)} for n, p in zip(names, la.params, strict=True)],
+            "parameters": [{"name": n, "shape": shape} for n, shape in zip(names, shapes, strict=True)],
         }
         self.posterior = BayesianRewardModel(model, self.processing_class, la, metadata)
         log_marglik = float(la.log_marginal_likelihood().detach())
@@ -242,7 +244,12 @@ class BayesianRewardTrainer(RewardTrainer):
         """TRL's save (adapter, tokenizer), then the posterior and, for models built from a config, the base model."""
         super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
-        if self.posterior is not None and not _internal_call and self.accelerator.is_main_process:
+        if self.posterior is None or _internal_call:
+            return
+        if self.accelerator.is_main_process:
             self.posterior.save_posterior(output_dir)
-            if self._base_model_name is None:
-                save_base_model(self.accelerator.unwrap_model(self.model), output_dir)
+        if self._base_model_name is None:
+            # Under ZeRO-3 every process takes part in gathering the sharded base weights; the main process writes.
+            with gathered_model(self.accelerator, self.model_wrapped, self.model):
+                if self.accelerator.is_main_process:
+                    save_base_model(self.accelerator.unwrap_model(self.model), output_dir)

@@ -8,7 +8,6 @@ has learnable but imperfect signal.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -312,6 +311,8 @@ def train_sft_policy(
     from transformers import GPTNeoXForCausalLM, set_seed
     from trl import SFTConfig, SFTTrainer
 
+    from .distributed import cpu_launch_defaults
+
     set_seed(seed)
     config = tiny_gpt_neox_config(
         len(tokenizer),
@@ -330,9 +331,8 @@ def train_sft_policy(
         lr_scheduler_type="cosine",
         warmup_steps=10,
         bf16=False,
-        use_cpu=not torch.cuda.is_available(),
-        # Several CPU processes talk over gloo (transformers would otherwise pick a backend CPUs lack).
-        ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        # Several CPU processes talk over gloo, with use_cpu under DDP but not under DeepSpeed (`cpu_launch_defaults`).
+        **{"use_cpu": not torch.cuda.is_available(), **cpu_launch_defaults()},
         save_strategy="no",
         report_to="none",
         seed=seed,
