@@ -444,7 +444,12 @@ class BayesianRewardModel:
                 f"tensors, the adapter has {len(names)} (missing: {missing}, unexpected: {extra}, other shapes: "
                 f"{wrong}). Refit the posterior for this adapter with `BayesianRewardTrainer.fit_posterior()`."
             )
-        la = make_laplace(RewardPairModel(model), metadata["hessian_structure"], kfac_approx=metadata["kfac_approx"])
+        la = make_laplace(
+            RewardPairModel(model),
+            metadata["hessian_structure"],
+            kfac_approx=metadata["kfac_approx"],
+            curvature=metadata.get("curvature", "ggn"),  # posteriors saved before the field existed are GGN
+        )
         tensors = load_file(str(directory / POSTERIOR_WEIGHTS_NAME))
         current = torch.cat([p.detach().flatten() for p in la.params]).cpu().double()
         fitted = tensors["mean"].double()

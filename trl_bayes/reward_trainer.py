@@ -162,7 +162,9 @@ class BayesianRewardTrainer(RewardTrainer):
         embeddings_hooks = pop_input_require_grads_hooks(model)
         try:  # the model's trainable flags and hooks come back whatever happens
             names = select_laplace_parameters(model, args.subset_of_weights)
-            la = make_laplace(RewardPairModel(model), args.hessian_structure, args.prior_precision, args.kfac_approx)
+            la = make_laplace(
+                RewardPairModel(model), args.hessian_structure, args.prior_precision, args.kfac_approx, args.curvature
+            )
             fit_laplace(
                 la,
                 pairs,
@@ -210,6 +212,7 @@ class BayesianRewardTrainer(RewardTrainer):
             "hessian_structure": args.hessian_structure,
             "subset_of_weights": args.subset_of_weights,
             "kfac_approx": args.kfac_approx,
+            "curvature": args.curvature,
             "optimize_prior_precision": args.optimize_prior_precision,
             "n_data": int(la.n_data),
             "n_params": int(la.n_params),
