@@ -82,7 +82,9 @@ class BoNScriptArguments(WorldArguments):
 
     Parameters that control Best-of-N:
         num_eval_prompts (P), num_samples (N), ns, max_new_tokens, temperature, top_k, top_p.
-        methods, penalties, ks, uwo_ks, plot_k: what the curves cover; `plot_k` is the k drawn in `bon_curves.png`
+        methods, penalties, ks, uwo_ks, plot_k: what the curves cover; penalty_scales: units of k, `absolute`
+            (k * std, the paper's) and/or `prompt` (k * sd_p(r) * std / mean_p(std) within each prompt's N samples,
+            `trl_bayes.reward.prompt_scale`; its curves are named `std-prompt` / `var-prompt`); `plot_k` is the k drawn in `bon_curves.png`
             (every k goes to the CSV and the summary). `LA-rel` / `LA-Ens-rel` penalize the relative variance
             Var(r_i - mean_j r_j) over the prompt's N candidates instead of the marginal one.
         num_validation_prompts (in `WorldArguments`): held-out prompts, never reported, on which each seed chooses
@@ -102,6 +104,9 @@ class BoNScriptArguments(WorldArguments):
     score_batch_size: int = field(default=64, metadata={"help": "Responses per proxy forward pass."})
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Subset of {METHODS}."})
     penalties: list[str] = field(default_factory=lambda: list(LAPLACE_PENALTIES), metadata={"help": "std, var."})
+    penalty_scales: list[str] = field(
+        default_factory=lambda: ["absolute"], metadata={"help": "Units of k: absolute (k * std) and/or prompt."}
+    )
     ks: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0], metadata={"help": "LA / LA-Ens strengths."})
     uwo_ks: list[float] = field(default_factory=lambda: [0.5, 1.0], metadata={"help": "Ens-UWO strengths."})
     plot_k: float = field(default=1.0, metadata={"help": "The k drawn in bon_curves.png."})
@@ -117,6 +122,8 @@ class BoNScriptArguments(WorldArguments):
             raise ValueError(
                 f"--penalties {self.penalties}: unknown {unknown}; choose from {list(LAPLACE_PENALTIES)}."
             )
+        if not self.penalty_scales or set(self.penalty_scales) - {"absolute", "prompt"}:
+            raise ValueError(f"--penalty_scales {self.penalty_scales}: choose from ['absolute', 'prompt'].")
         if any(k < 0 for k in [*self.ks, *self.uwo_ks]) or not self.ks:
             raise ValueError(
                 f"--ks {self.ks} / --uwo_ks {self.uwo_ks}: penalty strengths must be >= 0 (ks non-empty)."
@@ -294,6 +301,11 @@ def shard_prompts(score_fn, num_prompts: int, state) -> list:
 # Curves and diagnostics (main process)
 
 
+def penalty_labels(args: BoNScriptArguments) -> list[str]:
+    """The penalties of the LA methods with their scale: `std`, `var` (absolute k) then `std-prompt`, `var-prompt`."""
+    return [p if scale == "absolute" else f"{p}-{scale}" for scale in args.penalty_scales for p in args.penalties]
+
+
 def method_specs(args: BoNScriptArguments) -> list[tuple[str, str, float]]:
     """(method, penalty, k) of every curve, in the order of the table."""
     specs: list[tuple[str, str, float]] = []
@@ -307,7 +319,7 @@ def method_specs(args: BoNScriptArguments) -> list[tuple[str, str, float]]:
         elif method == "Ens-UWO":
             specs.extend(("Ens-UWO", "uwo", k) for k in args.uwo_ks)
         else:  # LA, LA-rel, LA-Ens, LA-Ens-rel
-            specs.extend((method, p, k) for p in args.penalties for k in args.ks)
+            specs.extend((method, p, k) for p in penalty_labels(args) for k in args.ks)
     return specs
 
 
@@ -315,7 +327,8 @@ def method_scores(method: str, penalty: str, k: float, members: list[dict]) -> t
     """(rank scores, proxy scores) of shape (P, N) for one method over one seed's ensemble (member 0 = MAP / LA).
 
     The proxy score is the method's unpenalized reward: the member's MAP reward, or the ensemble's mean. The relative
-    methods penalize with the members' relative variances (`rel_var`), the others with the marginal ones.
+    methods penalize with the members' relative variances (`rel_var`), the others with the marginal ones. A penalty
+    `std-prompt` / `var-prompt` scales k within each prompt (row), see `trl_bayes.reward.prompt_scale`.
     """
     import numpy as np
     import torch
@@ -327,8 +340,10 @@ def method_scores(method: str, penalty: str, k: float, members: list[dict]) -> t
     means = torch.from_numpy(np.stack([m["mean"].ravel() for m in used]))
     column = "rel_var" if method in RELATIVE_METHODS else "var"
     variances = torch.from_numpy(np.stack([m[column].ravel() for m in used]))
+    penalty, _, scale = penalty.partition("-")
     torch_penalty = {"none": "none", "mean": "none", "wco": "wco", "uwo": "uwo"}.get(penalty, penalty)
-    rank = penalized_reward(means, variances, torch_penalty, k).numpy().reshape(shape)
+    groups = torch.arange(shape[0]).repeat_interleave(shape[1])  # row p of the (P, N) arrays: prompt p
+    rank = penalized_reward(means, variances, torch_penalty, k, scale or "absolute", groups).numpy().reshape(shape)
     proxy = means.mean(0).numpy().reshape(shape)
     return rank, proxy
 
@@ -359,7 +374,7 @@ def select_ks(args, validation_rows: list[dict[str, Any]]) -> list[dict[str, Any
     out = []
     for seed in args.seeds:
         for method in [m for m in args.methods if m in SELECTED_METHODS]:
-            for penalty in args.penalties:
+            for penalty in penalty_labels(args):
                 gold = {r["k"]: r["gold_reward"] for r in validation_rows
                         if (r["seed"], r["method"], r["penalty"], r["n"]) == (seed, method, penalty, n_max)}  # fmt: skip
                 best = max(sorted(gold), key=lambda k: (gold[k], -k))
@@ -396,7 +411,7 @@ def aggregate(rows: list[dict[str, Any]], args, selection: list[dict[str, Any]] 
 
     table = [entry(curve_label(m, p, k), m, p, k, [k] * len(args.seeds)) for m, p, k in method_specs(args)]
     for method in [m for m in args.methods if m in SELECTED_METHODS] if selection else []:
-        for penalty in args.penalties:
+        for penalty in penalty_labels(args):
             chosen = {r["seed"]: r["k"] for r in selection
                       if r["chosen"] and (r["method"], r["penalty"]) == (method, penalty)}  # fmt: skip
             ks = [chosen[s] for s in args.seeds]
@@ -417,7 +432,7 @@ def plot_curves(path: Path, rows: list[dict[str, Any]], args) -> None:
             continue
         mine = [r for r in rows if (r["method"], r["penalty"], r["k"]) == (method, penalty, k)]
         kl = np.array([r["kl"] for r in mine if r["seed"] == args.seeds[0]])
-        style = "--" if penalty == "var" else "-"
+        style = "--" if penalty.startswith("var") else "-"
         for ax, column in zip(axes, ("proxy_reward", "gold_reward"), strict=True):
             values = np.array([[r[column] for r in mine if r["seed"] == s] for s in args.seeds])
             if column == "proxy_reward":
@@ -573,7 +588,7 @@ def write_summary(path: Path, args, table, selection, pair_rows, along_n, length
                   "| method | penalty | " + " | ".join(f"seed {s}" for s in args.seeds) + " |",
                   "|---|---|" + "---|" * len(args.seeds)]  # fmt: skip
         for method in dict.fromkeys(r["method"] for r in selection):
-            for penalty in args.penalties:
+            for penalty in penalty_labels(args):
                 cells = []
                 for seed in args.seeds:
                     mine = [r for r in selection if (r["method"], r["penalty"], r["seed"]) == (method, penalty, seed)]
