@@ -41,6 +41,11 @@ def test_offline_default_writes_results_and_resumes_from_cache(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| MAP |" in summary and "Time per stage" in summary and "Held-out pairs" in summary
     assert (out / "bon_diagnostics.png").is_file() and (out / "pair_metrics.csv").is_file()
+    assert "Exploit-like responses" in summary and "std~length" in summary
+    with (out / "bon_classes.csv").open() as f:
+        classes = list(csv.DictReader(f))
+    assert {r["class"] for r in classes} == {"repetition", "short", "long", "off_topic", "typical"}
+    assert {r["uncertainty"] for r in classes} == {"marginal", "relative"}
     # k is chosen per seed on the 2 validation prompts, never on the 4 reported ones: one pick per (seed, method,
     # penalty), the best validation gold at the largest n.
     with (out / "k_selection.csv").open() as f:
