@@ -22,7 +22,8 @@ their scores are per run. A killed study resumes: finished runs are skipped, bon
     python scripts/study_uncertainty.py --scale small --backbones sft --options default head   # a subset
     python scripts/study_uncertainty.py --dry_run                         # print the runs only
 
-Writes `<output_dir>/study.csv`, `study.md`, `study.png` and `runs.json` (each run's flags and wall time).
+Writes `<output_dir>/study.csv`, `study.md`, `study.png` (every finished run of the folder, so a study run in parts
+ends with one table) and `runs.json` (each run's flags and wall time).
 """
 
 from __future__ import annotations
@@ -254,7 +255,17 @@ def main(argv: list[str] | None = None) -> None:
             record[key] = {"flags": flags, "seconds": seconds}
         record_path.write_text(json.dumps(record, indent=1) + "\n")
         print(f"[study]   {seconds:.0f} s", flush=True)
-    results = {key: run_results(run_dir, seeds) for key, (run_dir, _) in runs.items()}
+    # The table covers every finished run of this study folder with these seeds, not only this invocation's: a study
+    # run in parts (e.g. one backbone at a time) ends with one table.
+    finished = {}
+    for world in WORLDS:
+        for backbone in CONFIGS:
+            for option in OPTIONS:
+                run_dir = output_dir / "runs" / world / backbone / option
+                if (run_dir / "k_selection.csv").is_file() and {int(r["seed"]) for r in read_csv(
+                        run_dir / "bon_results.csv")} == set(seeds):  # fmt: skip
+                    finished[world, backbone, option] = run_dir
+    results = {key: run_results(run_dir, seeds) for key, run_dir in finished.items()}
     rows = table_rows(results, seeds)
     n_max = max(int(r["n"]) for r in read_csv(next(iter(runs.values()))[0] / "bon_results.csv"))
     with (output_dir / "study.csv").open("w", newline="") as f:
