@@ -82,7 +82,9 @@ class BoNScriptArguments(WorldArguments):
 
     Parameters that control Best-of-N:
         num_eval_prompts (P), num_samples (N), ns, max_new_tokens, temperature, top_k, top_p.
-        methods, penalties, ks, uwo_ks, plot_k: what the curves cover; `plot_k` is the k drawn in `bon_curves.png`
+        methods, penalties, ks, uwo_ks, plot_k: what the curves cover; penalty_scales: units of k, `absolute`
+            (k * std, the paper's) and/or `prompt` (k * sd_p(r) * std / mean_p(std) within each prompt's N samples,
+            `trl_bayes.reward.prompt_scale`; its curves are named `std-prompt` / `var-prompt`); `plot_k` is the k drawn in `bon_curves.png`
             (every k goes to the CSV and the summary). `LA-rel` / `LA-Ens-rel` penalize the relative variance
             Var(r_i - mean_j r_j) over the prompt's N candidates instead of the marginal one.
         num_validation_prompts (in `WorldArguments`): held-out prompts, never reported, on which each seed chooses
@@ -102,6 +104,9 @@ class BoNScriptArguments(WorldArguments):
     score_batch_size: int = field(default=64, metadata={"help": "Responses per proxy forward pass."})
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Subset of {METHODS}."})
     penalties: list[str] = field(default_factory=lambda: list(LAPLACE_PENALTIES), metadata={"help": "std, var."})
+    penalty_scales: list[str] = field(
+        default_factory=lambda: ["absolute"], metadata={"help": "Units of k: absolute (k * std) and/or prompt."}
+    )
     ks: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0], metadata={"help": "LA / LA-Ens strengths."})
     uwo_ks: list[float] = field(default_factory=lambda: [0.5, 1.0], metadata={"help": "Ens-UWO strengths."})
     plot_k: float = field(default=1.0, metadata={"help": "The k drawn in bon_curves.png."})
@@ -117,6 +122,8 @@ class BoNScriptArguments(WorldArguments):
             raise ValueError(
                 f"--penalties {self.penalties}: unknown {unknown}; choose from {list(LAPLACE_PENALTIES)}."
             )
+        if not self.penalty_scales or set(self.penalty_scales) - {"absolute", "prompt"}:
+            raise ValueError(f"--penalty_scales {self.penalty_scales}: choose from ['absolute', 'prompt'].")
         if any(k < 0 for k in [*self.ks, *self.uwo_ks]) or not self.ks:
             raise ValueError(
                 f"--ks {self.ks} / --uwo_ks {self.uwo_ks}: penalty strengths must be >= 0 (ks non-empty)."
@@ -298,6 +305,11 @@ def shard_prompts(score_fn, num_prompts: int, state) -> list:
 # Curves and diagnostics (main process)
 
 
+def penalty_labels(args: BoNScriptArguments) -> list[str]:
+    """The penalties of the LA methods with their scale: `std`, `var` (absolute k) then `std-prompt`, `var-prompt`."""
+    return [p if scale == "absolute" else f"{p}-{scale}" for scale in args.penalty_scales for p in args.penalties]
+
+
 def method_specs(args: BoNScriptArguments) -> list[tuple[str, str, float]]:
     """(method, penalty, k) of every curve, in the order of the table."""
     specs: list[tuple[str, str, float]] = []
@@ -311,7 +323,7 @@ def method_specs(args: BoNScriptArguments) -> list[tuple[str, str, float]]:
         elif method == "Ens-UWO":
             specs.extend(("Ens-UWO", "uwo", k) for k in args.uwo_ks)
         else:  # LA, LA-rel, LA-Ens, LA-Ens-rel
-            specs.extend((method, p, k) for p in args.penalties for k in args.ks)
+            specs.extend((method, p, k) for p in penalty_labels(args) for k in args.ks)
     return specs
 
 
@@ -319,7 +331,8 @@ def method_scores(method: str, penalty: str, k: float, members: list[dict]) -> t
     """(rank scores, proxy scores) of shape (P, N) for one method over one seed's ensemble (member 0 = MAP / LA).
 
     The proxy score is the method's unpenalized reward: the member's MAP reward, or the ensemble's mean. The relative
-    methods penalize with the members' relative variances (`rel_var`), the others with the marginal ones.
+    methods penalize with the members' relative variances (`rel_var`), the others with the marginal ones. A penalty
+    `std-prompt` / `var-prompt` scales k within each prompt (row), see `trl_bayes.reward.prompt_scale`.
     """
     import numpy as np
     import torch
@@ -331,8 +344,10 @@ def method_scores(method: str, penalty: str, k: float, members: list[dict]) -> t
     means = torch.from_numpy(np.stack([m["mean"].ravel() for m in used]))
     column = "rel_var" if method in RELATIVE_METHODS else "var"
     variances = torch.from_numpy(np.stack([m[column].ravel() for m in used]))
+    penalty, _, scale = penalty.partition("-")
     torch_penalty = {"none": "none", "mean": "none", "wco": "wco", "uwo": "uwo"}.get(penalty, penalty)
-    rank = penalized_reward(means, variances, torch_penalty, k).numpy().reshape(shape)
+    groups = torch.arange(shape[0]).repeat_interleave(shape[1])  # row p of the (P, N) arrays: prompt p
+    rank = penalized_reward(means, variances, torch_penalty, k, scale or "absolute", groups).numpy().reshape(shape)
     proxy = means.mean(0).numpy().reshape(shape)
     return rank, proxy
 
@@ -363,7 +378,7 @@ def select_ks(args, validation_rows: list[dict[str, Any]]) -> list[dict[str, Any
     out = []
     for seed in args.seeds:
         for method in [m for m in args.methods if m in SELECTED_METHODS]:
-            for penalty in args.penalties:
+            for penalty in penalty_labels(args):
                 gold = {r["k"]: r["gold_reward"] for r in validation_rows
                         if (r["seed"], r["method"], r["penalty"], r["n"]) == (seed, method, penalty, n_max)}  # fmt: skip
                 best = max(sorted(gold), key=lambda k: (gold[k], -k))
@@ -403,7 +418,7 @@ def aggregate(rows: list[dict[str, Any]], args, selection: list[dict[str, Any]] 
 
     table = [entry(curve_label(m, p, k), m, p, k, [k] * len(args.seeds)) for m, p, k in method_specs(args)]
     for method in [m for m in args.methods if m in SELECTED_METHODS] if selection else []:
-        for penalty in args.penalties:
+        for penalty in penalty_labels(args):
             ks = chosen_ks(selection, args, method, penalty)
             table.append(entry(f"{method} ({penalty}, k chosen on validation)", method, penalty, "val", ks))
     return table
@@ -435,7 +450,7 @@ def plot_curves(path: Path, rows: list[dict[str, Any]], args, selection: list[di
             drawn.add((method, penalty))
         elif method == "Ens-UWO" and k != args.uwo_ks[0]:
             continue
-        style = "--" if penalty == "var" else "-"
+        style = "--" if penalty.startswith("var") else "-"
         for ax, column in zip(axes, ("proxy_reward", "gold_reward"), strict=True):
             values = seed_curves(rows, args, method, penalty, ks, column)
             if column == "proxy_reward":
@@ -470,7 +485,7 @@ def diagnostics(args, gold_scores, proxies, held_out, completions) -> tuple[list
     import numpy as np
     import torch
 
-    from trl_bayes.diagnostics import pair_metrics, uncertainty_along_n, within_prompt_correlation
+    from trl_bayes.diagnostics import pair_metrics, standardize_within, uncertainty_along_n, within_prompt_correlation
 
     words = np.array([[len(c.split()) for c in row] for row in completions])
     # The held-out pairs are noiseless; which response is chosen is the gold's verdict.
@@ -483,10 +498,9 @@ def diagnostics(args, gold_scores, proxies, held_out, completions) -> tuple[list
             if column not in member:
                 continue
             std = np.sqrt(member[column])
-            for row in uncertainty_along_n(member["mean"], std, gold_scores, args.ns):
+            for row in uncertainty_along_n(member["mean"], std, gold_scores, args.ns, lengths=words):
                 along_n.append({"seed": seed, "uncertainty": uncertainty, **row})
-            centered = std - std.mean(1, keepdims=True)
-            z_std = centered / np.where(std.std(1, keepdims=True) > 0, std.std(1, keepdims=True), 1.0)
+            z_std = standardize_within(std)
             corr = within_prompt_correlation(std, words)
             for length in np.unique(words):
                 mask = words == length
@@ -496,14 +510,37 @@ def diagnostics(args, gold_scores, proxies, held_out, completions) -> tuple[list
     return pair_rows, along_n, length_rows
 
 
-def plot_diagnostics(path: Path, along_n: list[dict], length_rows: list[dict], args) -> None:
+def class_diagnostics(args, prompts, gold_scores, proxies, completions) -> list[dict]:
+    """On the reported prompts of an offline world: per seed (member 0) and variance, the std of exploit-like responses
+    (`trl_bayes.synthetic.response_classes`: degenerate repetition, very short, very long, off-topic) against typical
+    ones, standardized within each prompt (`uncertainty_by_class`), with the proxy's mean error z(proxy) - z(gold) on
+    each class. A penalty helps only if the classes the proxy overrates (error > 0) get z-std > 0."""
+    import numpy as np
+
+    from trl_bayes.diagnostics import standardize, uncertainty_by_class
+    from trl_bayes.synthetic import RESPONSE_CLASSES, response_classes
+
+    classes = [[response_classes(p, c) for c in row] for p, row in zip(prompts, completions, strict=True)]
+    masks = {name: np.array([[name in c for c in row] for row in classes]) for name in RESPONSE_CLASSES}
+    rows = []
+    for seed in args.seeds:
+        member = proxies[seed, 0]
+        error = standardize(member["mean"]) - standardize(gold_scores)
+        for uncertainty, column in (("marginal", "var"), ("relative", "rel_var")):
+            if column in member:
+                for row in uncertainty_by_class(np.sqrt(member[column]), masks, error):
+                    rows.append({"seed": seed, "uncertainty": uncertainty, **row})
+    return rows
+
+
+def plot_diagnostics(path: Path, along_n: list[dict], length_rows: list[dict], args, class_rows=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 4 if class_rows else 3, figsize=(21 if class_rows else 16, 4.5))
     uncertainties = list(dict.fromkeys(r["uncertainty"] for r in along_n))
     for uncertainty, style in zip(uncertainties, ("-", "--"), strict=False):
         for ax, column in zip(axes[:2], ("corr_std_error_within", "corr_std_error"), strict=True):
@@ -531,6 +568,19 @@ def plot_diagnostics(path: Path, along_n: list[dict], length_rows: list[dict], a
         ax.set_xscale("log", base=2)
         ax.set_xlabel("n")
     axes[2].set_xlabel("completion length (words)")
+    if class_rows:
+        names = list(dict.fromkeys(r["class"] for r in class_rows))
+        width = 0.8 / len(uncertainties)
+        for i, uncertainty in enumerate(uncertainties):
+            z = [np.nanmean([r["mean_z_std"] for r in class_rows if (r["class"], r["uncertainty"]) == (c, uncertainty)])
+                 for c in names]  # fmt: skip
+            axes[3].bar(np.arange(len(names)) + i * width, z, width, label=f"{uncertainty} std")
+        errors = [np.nanmean([r["mean_error"] for r in class_rows if r["class"] == c]) for c in names]
+        fractions = [np.mean([r["fraction"] for r in class_rows if r["class"] == c]) for c in names]
+        axes[3].set_xticks(np.arange(len(names)) + 0.4 - width / 2)
+        axes[3].set_xticklabels([f"{c}\n{f:.0%}, err {e:+.2f}" for c, f, e in zip(names, fractions, errors, strict=True)],
+                                fontsize=8)  # fmt: skip
+        axes[3].set_title("std standardized within its prompt, by kind of response\n(share of samples, proxy error)")
     for ax in axes:
         ax.axhline(0, color="gray", lw=0.8)
         ax.grid(alpha=0.3)
@@ -548,7 +598,7 @@ def fmt(values) -> str:
 
 
 def write_summary(path: Path, args, table, selection, pair_rows, along_n, length_rows, seconds, computed_seconds,
-                  sources) -> None:  # fmt: skip
+                  sources, class_rows=None) -> None:  # fmt: skip
     import numpy as np
 
     n_max = args.ns[-1]
@@ -591,7 +641,7 @@ def write_summary(path: Path, args, table, selection, pair_rows, along_n, length
                   "| method | penalty | " + " | ".join(f"seed {s}" for s in args.seeds) + " |",
                   "|---|---|" + "---|" * len(args.seeds)]  # fmt: skip
         for method in dict.fromkeys(r["method"] for r in selection):
-            for penalty in args.penalties:
+            for penalty in penalty_labels(args):
                 cells = []
                 for seed in args.seeds:
                     mine = [r for r in selection if (r["method"], r["penalty"], r["seed"]) == (method, penalty, seed)]
@@ -623,6 +673,32 @@ def write_summary(path: Path, args, table, selection, pair_rows, along_n, length
     lines += ["", "Within-prompt correlation of the std with the completion's length (words), mean over seeds: "
               + ", ".join(f"{u} {np.mean([r['corr_within'] for r in length_rows if r['uncertainty'] == u]):+.3f}"
                           for u in uncertainties) + "."]  # fmt: skip
+    lines += ["", "Within-prompt correlation of the std with the proxy score and with the length (words) among each "
+              "prompt's top ceil(N/n) samples, mean over seeds:", "",
+              "| n | " + " | ".join(f"{u} std~proxy | {u} std~length" for u in uncertainties) + " |",
+              "|---|" + "---|---|" * len(uncertainties)]  # fmt: skip
+    for n in args.ns:
+        cells = []
+        for u in uncertainties:
+            mine = [r for r in along_n if (r["n"], r["uncertainty"]) == (n, u)]
+            for column in ("corr_std_proxy_within", "corr_std_length_within"):
+                values = np.array([r[column] for r in mine])
+                cells.append("n/a" if np.isnan(values).all() else f"{np.nanmean(values):+.3f}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    if class_rows:
+        lines += ["", "## Exploit-like responses: is their uncertainty high? (BoN samples, each seed's member 0)", "",
+                  "Mean over the class's samples of the std standardized within its prompt (> 0: penalized more than",
+                  "the prompt's typical sample), and the proxy's mean error z(proxy) - z(gold) on the class (> 0:",
+                  "overrated). Classes overlap (`trl_bayes.synthetic.response_classes`); mean over seeds.", "",
+                  "| class | share of samples | " + " | ".join(f"{u} z-std" for u in uncertainties) + " | proxy error |",
+                  "|---|---|" + "---|" * len(uncertainties) + "---|"]  # fmt: skip
+        for name in dict.fromkeys(r["class"] for r in class_rows):
+            mine = [r for r in class_rows if r["class"] == name]
+            cells = [
+                f"{np.nanmean([r['mean_z_std'] for r in mine if r['uncertainty'] == u]):+.3f}" for u in uncertainties
+            ]
+            lines.append(f"| {name} | {np.mean([r['fraction'] for r in mine]):.1%} | " + " | ".join(cells)
+                         + f" | {np.nanmean([r['mean_error'] for r in mine]):+.3f} |")  # fmt: skip
     lines += ["", "## Time per stage (s)", "",
               "`this run`: wall time here (a cached stage only loads); `computed`: the time its cached results took",
               "when they were computed (`cache/*/seconds.json`).", "",
@@ -631,7 +707,7 @@ def write_summary(path: Path, args, table, selection, pair_rows, along_n, length
         computed = computed_seconds.get(stage)
         lines.append(f"| {stage} | {value:.1f} | {'' if computed is None else f'{computed:.1f}'} |")
     lines += ["", "Files: `bon_results.csv`, `bon_curves.png`, `k_selection.csv`, `bon_diagnostics.csv`, "
-              "`bon_length.csv`, `bon_diagnostics.png`, `pair_metrics.csv`, cached stages in `cache/`."]  # fmt: skip
+              "`bon_length.csv`, `bon_classes.csv`, `bon_diagnostics.png`, `pair_metrics.csv`, cached stages in `cache/`."]  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -708,7 +784,12 @@ def main(args: BoNScriptArguments, training_args, model_args) -> None:
         write_csv(output_dir / "pair_metrics.csv", pair_rows, list(pair_rows[0]))
         write_csv(output_dir / "bon_diagnostics.csv", along_n, list(along_n[0]))
         write_csv(output_dir / "bon_length.csv", length_rows, list(length_rows[0]))
-        plot_diagnostics(output_dir / "bon_diagnostics.png", along_n, length_rows, args)
+        class_rows = None
+        if args.offline and args.gold_reward == "world":
+            class_rows = class_diagnostics(args, eval_prompts, gold_scores[reported], reported_proxies,
+                                           completions[reported])  # fmt: skip
+            write_csv(output_dir / "bon_classes.csv", class_rows, list(class_rows[0]))
+        plot_diagnostics(output_dir / "bon_diagnostics.png", along_n, length_rows, args, class_rows)
         clock.lap("curves + diagnostics")
         seconds = clock.finish()
         table = aggregate(rows, args, selection)
@@ -723,7 +804,7 @@ def main(args: BoNScriptArguments, training_args, model_args) -> None:
             files = [f for pattern in patterns for f in cache.glob(pattern)]
             computed[stage] = sum(json.loads(f.read_text()) for f in files) if files else None
         write_summary(output_dir / "summary.md", args, table, selection, pair_rows, along_n, length_rows, seconds,
-                      computed, sources)  # fmt: skip
+                      computed, sources, class_rows)  # fmt: skip
         write_run_record(output_dir, args)
         print(f"Results in {output_dir}: bon_results.csv, bon_curves.png, summary.md, diagnostics.")
     accelerator.wait_for_everyone()

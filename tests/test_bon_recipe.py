@@ -41,6 +41,11 @@ def test_offline_default_writes_results_and_resumes_from_cache(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| MAP |" in summary and "Time per stage" in summary and "Held-out pairs" in summary
     assert (out / "bon_diagnostics.png").is_file() and (out / "pair_metrics.csv").is_file()
+    assert "Exploit-like responses" in summary and "std~length" in summary
+    with (out / "bon_classes.csv").open() as f:
+        classes = list(csv.DictReader(f))
+    assert {r["class"] for r in classes} == {"repetition", "short", "long", "off_topic", "typical"}
+    assert {r["uncertainty"] for r in classes} == {"marginal", "relative"}
     # k is chosen per seed on the 2 validation prompts, never on the 4 reported ones: one pick per (seed, method,
     # penalty), the best validation gold at the largest n.
     with (out / "k_selection.csv").open() as f:
@@ -79,6 +84,8 @@ def test_offline_default_writes_results_and_resumes_from_cache(tmp_path):
         (["--gold_reward", "/no/such/gold-rm"], "--gold_reward /no/such/gold-rm"),
         (["--ensemble_size", "1"], "--ensemble_size 1"),
         (["--plot_k", "3"], "--plot_k 3.0 is not one of --ks"),
+        (["--penalty_scales", "global"], "--penalty_scales ['global']"),
+        (["--world", "banana"], "--world 'banana'"),
         (["--output_dir", "/proc/no-write/bon"], "Cannot write to output_dir"),
     ],
 )
@@ -141,3 +148,49 @@ def test_paper_config_runs_on_local_stand_ins_through_the_hub_code_path(tmp_path
     config = json.loads((out / "config.json").read_text())["script"]
     assert config["gold_reward"] == str(gold_dir) and config["num_samples"] == 8
     assert "gold-rm" not in (out / "summary.md").read_text() and str(gold_dir) in (out / "summary.md").read_text()
+
+
+def bon_module():
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(RECIPE.parent))
+    try:
+        return importlib.import_module("bon")
+    finally:
+        sys.path.remove(str(RECIPE.parent))
+
+
+def test_prompt_scaled_penalties_are_curves_of_their_own():
+    """`--penalty_scales absolute prompt` adds `std-prompt` / `var-prompt` curves to the LA methods, scaled within each
+    prompt (row of the (P, N) arrays) by `prompt_scale`; the absolute ones are unchanged."""
+    import numpy as np
+    import torch
+
+    from trl_bayes import penalized_reward
+
+    bon = bon_module()
+    args = bon.make_parser().parse_args_and_config(
+        bon.with_default_config(["--penalty_scales", "absolute", "prompt", "--ks", "1", "2"], bon.DEFAULT_CONFIG)
+    )[0]
+    assert bon.penalty_labels(args) == ["std", "var", "std-prompt", "var-prompt"]
+    assert ("LA", "var-prompt", 2.0) in bon.method_specs(args) and ("LA-Ens", "std-prompt", 1.0) in bon.method_specs(
+        args
+    )
+    rng = np.random.default_rng(0)
+    members = [{"mean": rng.normal(size=(3, 5)), "var": rng.random((3, 5))} for _ in range(2)]
+    rank, proxy = bon.method_scores("LA", "std-prompt", 2.0, members)
+    means, variances = (
+        torch.from_numpy(members[0]["mean"].reshape(1, -1)),
+        torch.from_numpy(members[0]["var"].reshape(1, -1)),
+    )
+    groups = torch.tensor([0] * 5 + [1] * 5 + [2] * 5)
+    expected = penalized_reward(means, variances, "std", 2.0, "prompt", groups).numpy().reshape(3, 5)
+    np.testing.assert_allclose(rank, expected)
+    np.testing.assert_allclose(proxy, members[0]["mean"])
+    # Within a prompt, the scale is sd(r) / mean(std): rescaling one prompt's variances changes no ranking.
+    scaled = [{"mean": m["mean"], "var": m["var"] * np.array([[1.0], [100.0], [0.01]])} for m in members]
+    np.testing.assert_allclose(bon.method_scores("LA-Ens", "var-prompt", 1.0, scaled)[0],
+                               bon.method_scores("LA-Ens", "var-prompt", 1.0, members)[0])  # fmt: skip
+    absolute, _ = bon.method_scores("LA", "std", 2.0, members)
+    np.testing.assert_allclose(absolute, members[0]["mean"] - 2.0 * np.sqrt(members[0]["var"]))

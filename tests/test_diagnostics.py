@@ -11,7 +11,9 @@ import torch
 from trl_bayes.diagnostics import (
     expected_calibration_error,
     pair_metrics,
+    standardize_within,
     uncertainty_along_n,
+    uncertainty_by_class,
     within_prompt_correlation,
 )
 
@@ -45,7 +47,8 @@ def test_pair_metrics_match_direct_formulas():
 def test_uncertainty_along_n_against_a_loop():
     rng = np.random.default_rng(0)
     proxy, std, gold = rng.normal(size=(5, 16)), rng.random((5, 16)), rng.normal(size=(5, 16))
-    rows = uncertainty_along_n(proxy, std, gold, [1, 4, 16])
+    lengths = rng.integers(1, 20, size=(5, 16))
+    rows = uncertainty_along_n(proxy, std, gold, [1, 4, 16], lengths=lengths)
     z = lambda x: (x - x.mean()) / x.std()  # noqa: E731
     error = z(proxy) - z(gold)
     for row, n in zip(rows, [1, 4, 16], strict=True):
@@ -66,6 +69,36 @@ def test_uncertainty_along_n_against_a_loop():
             assert row["corr_std_error_within"] == pytest.approx(np.mean(per_prompt))
         else:
             assert math.isnan(row["corr_std_error_within"])
+        # Against the proxy score and the length, among the same responses.
+        picked = [sorted(range(16), key=lambda j: -proxy[p, j])[:keep] for p in range(5)]
+        picked_proxy = [proxy[p, j] for p in range(5) for j in picked[p]]
+        picked_length = [lengths[p, j] for p in range(5) for j in picked[p]]
+        assert row["corr_std_proxy"] == pytest.approx(np.corrcoef(picked_std, picked_proxy)[0, 1])
+        assert row["corr_std_length"] == pytest.approx(np.corrcoef(picked_std, picked_length)[0, 1])
+        if keep >= 3:
+            per_prompt = [
+                np.corrcoef([std[p, j] for j in picked[p]], [lengths[p, j] for j in picked[p]])[0, 1] for p in range(5)
+            ]
+            assert row["corr_std_length_within"] == pytest.approx(np.mean(per_prompt))
+    assert "corr_std_length" not in uncertainty_along_n(proxy, std, gold, [1])[0]
+
+
+def test_uncertainty_by_class_on_a_hand_made_array():
+    """Prompt 0: std [1, 2, 3] -> z [-1.2247, 0, 1.2247]; prompt 1: std [5, 5, 8] -> z [-0.7071, -0.7071, 1.4142]."""
+    std = np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 8.0]])
+    a, b = math.sqrt(1.5), math.sqrt(0.5)
+    np.testing.assert_allclose(standardize_within(std), [[-a, 0, a], [-b, -b, 2 * b]])
+    short = np.array([[True, False, False], [True, True, False]])
+    long = np.array([[False, False, True], [False, False, True]])
+    nothing = np.zeros((2, 3), dtype=bool)
+    error = np.array([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])
+    rows = {r["class"]: r for r in uncertainty_by_class(std, {"short": short, "long": long, "x": nothing}, error)}
+    assert rows["short"]["num_responses"] == 3 and rows["short"]["fraction"] == pytest.approx(0.5)
+    assert rows["short"]["mean_z_std"] == pytest.approx((-a - b - b) / 3)
+    assert rows["long"]["mean_z_std"] == pytest.approx((a + 2 * b) / 2) and rows["long"]["mean_error"] == 3.5
+    assert math.isnan(rows["x"]["mean_z_std"]) and rows["x"]["num_responses"] == 0
+    # A constant row standardizes to zeros, not NaN.
+    assert (standardize_within(np.ones((1, 4))) == 0).all()
 
 
 def test_within_prompt_correlation_ignores_offsets_between_prompts():

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from trl_bayes import PenalizedReward, combine_gaussians, penalized_reward
+from trl_bayes.reward import prompt_scale
 
 from .conftest import make_trainer
 
@@ -51,6 +52,47 @@ def test_penalties_ensembles():
         penalized_reward(MEANS, None, "std", 1.0)
 
 
+def test_prompt_scale_penalty_hand_computed():
+    """k * sd_g(r) * u_i / mean_g(u) within each prompt's group (population sd).
+
+    Group 0 (rows 0, 2): r = [1, 3] (sd 1), std = [1, 3] (mean 2): factor 1/2; k = 2 -> penalties [1, 3].
+    Group 1 (rows 1, 3, 4): r = [0, 0, 6] (mean 2, sd sqrt((4 + 4 + 16) / 3) = 2 sqrt 2), std = [2, 2, 2]:
+    factor sqrt 2; k = 2 -> penalty 2 * sqrt 2 * 2 = 4 sqrt 2 each.
+    Group 2 (row 5): alone, no spread: factor 0, the reward unchanged.
+    """
+    means = torch.tensor([[1.0, 0.0, 3.0, 0.0, 6.0, 5.0]], dtype=torch.float64)
+    std = torch.tensor([[1.0, 2.0, 3.0, 2.0, 2.0, 7.0]], dtype=torch.float64)
+    groups = torch.tensor([0, 1, 0, 1, 1, 2])
+    root8 = 2 * math.sqrt(2)
+    factor = prompt_scale(means[0], std[0], groups)
+    torch.testing.assert_close(
+        factor, torch.tensor([0.5, root8 / 2, 0.5, root8 / 2, root8 / 2, 0.0], dtype=torch.float64)
+    )
+    got = penalized_reward(means, std**2, "std", 2.0, scale="prompt", groups=groups)
+    expected = torch.tensor([0.0, -2 * root8, 0.0, -2 * root8, 6.0 - 2 * root8, 5.0], dtype=torch.float64)
+    torch.testing.assert_close(got, expected)
+    # var: group 0 has var [1, 9] (mean 5), factor 1/5; k = 1 -> penalties [0.2, 1.8].
+    got = penalized_reward(means, std**2, "var", 1.0, scale="prompt", groups=groups)
+    torch.testing.assert_close(got[[0, 2]], torch.tensor([0.8, 1.2], dtype=torch.float64))
+    # k is in units of the prompt's reward spread: rescaling the variances changes nothing.
+    torch.testing.assert_close(penalized_reward(means, 100 * std**2, "var", 1.0, scale="prompt", groups=groups), got)
+    # "absolute" is the paper's penalty.
+    torch.testing.assert_close(
+        penalized_reward(means, std**2, "std", 2.0, scale="absolute", groups=groups), means[0] - 2 * std[0]
+    )
+    # An ensemble: the factor comes from the combined Gaussian (mean of means, sum of variances / M^2).
+    mean, var = combine_gaussians(MEANS, VARS)
+    one_group = torch.zeros(3, dtype=torch.long)
+    torch.testing.assert_close(
+        penalized_reward(MEANS, VARS, "std", 1.5, scale="prompt", groups=one_group),
+        mean - 1.5 * prompt_scale(mean, var.sqrt(), one_group) * var.sqrt(),
+    )
+    with pytest.raises(ValueError, match="needs the `groups`"):
+        penalized_reward(means, std**2, "std", 1.0, scale="prompt")
+    with pytest.raises(ValueError, match="Unknown penalty scale"):
+        penalized_reward(means, std**2, "std", 1.0, scale="global", groups=groups)
+
+
 @pytest.fixture(scope="module")
 def members(tokenizer, tmp_path_factory):
     models = []
@@ -77,6 +119,20 @@ def test_penalized_reward_is_the_formula_over_predictions(members):
     torch.testing.assert_close(torch.tensor(single), means[0] - variances[0].sqrt())
     uwo = PenalizedReward(members, penalty="uwo", k=3.0)(PROMPTS, COMPLETIONS)
     torch.testing.assert_close(torch.tensor(uwo), means.mean(0) - 3.0 * means.var(0, unbiased=False))
+
+
+def test_penalized_reward_prompt_scale_groups_equal_prompts(members):
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[2]]
+    completions = ["apple pear", "saw", "fig fig", "saw saw saw", "hammer", "red blue"]
+    parts = [m.predict(prompts, completions) for m in members]
+    means, variances = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    got = PenalizedReward(members, penalty="std", k=0.7, scale="prompt")(prompts, completions)
+    groups = torch.tensor([0, 1, 0, 1, 1, 2])
+    torch.testing.assert_close(torch.tensor(got), penalized_reward(means, variances, "std", 0.7, "prompt", groups))
+    assert got[5] == pytest.approx(means[:, 5].mean().item())  # a prompt alone: no spread, no penalty
+    assert not torch.allclose(torch.tensor(got), penalized_reward(means, variances, "std", 0.7))
+    with pytest.raises(ValueError, match="applies to the 'std' and 'var'"):
+        PenalizedReward(members, penalty="uwo", scale="prompt")
 
 
 def test_penalized_reward_protocol(members):

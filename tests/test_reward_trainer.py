@@ -141,6 +141,33 @@ def test_subset_of_weights_lora_excludes_the_score_head(tokenizer, tmp_path):
     assert any(p.requires_grad for n, p in trainer.model.named_parameters() if "score" in n)
 
 
+def test_subset_head_and_empirical_fisher_round_trip(tokenizer, tmp_path):
+    """Last-layer Laplace (the score head alone) with the empirical Fisher: the options reach the fit, are saved in
+    laplace_config.json and come back with `from_pretrained`, which predicts what the trainer's posterior did."""
+    trainer = make_trainer(tokenizer, tmp_path, num_pairs=12, subset_of_weights="head", curvature="ef")
+    trainer.train()
+    posterior = trainer.posterior
+    head = [n for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert [p["name"] for p in posterior.metadata["parameters"]] == head and all("score" in n for n in head)
+    assert posterior.n_params == trainer.model.config.hidden_size  # GPT-NeoX's score head: one row, no bias
+    assert posterior.laplace._backend_cls.__name__ == "CurvlinopsEF"
+    trainer.save_model(str(tmp_path / "saved"))
+    metadata = json.loads((tmp_path / "saved" / POSTERIOR_CONFIG_NAME).read_text())
+    assert (metadata["subset_of_weights"], metadata["curvature"]) == ("head", "ef")
+    loaded = BayesianRewardModel.from_pretrained(tmp_path / "saved")
+    assert loaded.laplace._backend_cls.__name__ == "CurvlinopsEF" and loaded.n_params == posterior.n_params
+    prompts, completions = ["name a few tools : "] * 3, ["hammer saw", "red", "dog dog dog"]
+    expected_mean, expected_var = posterior.predict(prompts, completions)
+    mean, var = loaded.predict(prompts, completions)
+    assert (expected_var > 0).all()
+    torch.testing.assert_close(mean, expected_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(var, expected_var, rtol=1e-5, atol=1e-7)
+    # A posterior saved before `curvature` existed loads as GGN.
+    del metadata["curvature"]
+    (tmp_path / "saved" / POSTERIOR_CONFIG_NAME).write_text(json.dumps(metadata))
+    assert BayesianRewardModel.from_pretrained(tmp_path / "saved").laplace._backend_cls.__name__ == "CurvlinopsGGN"
+
+
 def test_gridsearch_picks_the_grid_value_with_lowest_heldout_nll(tokenizer, tmp_path):
     grid = [0.01, 1.0, 100.0]
     trainer = make_trainer(
@@ -161,7 +188,8 @@ def test_gridsearch_picks_the_grid_value_with_lowest_heldout_nll(tokenizer, tmp_
     [
         ("hessian_structure", "banana", "hessian_structure"),
         ("optimize_prior_precision", "magic", "optimize_prior_precision"),
-        ("subset_of_weights", "head", "subset_of_weights"),
+        ("subset_of_weights", "last_layer", "subset_of_weights"),
+        ("curvature", "hessian", "curvature"),
         ("prior_precision", -1.0, "prior_precision"),
         ("posterior_batch_size", 0, "posterior_batch_size"),
     ],

@@ -15,8 +15,13 @@ from trl_bayes.synthetic import (
     gold_score,
     label_pairs,
     make_demonstrations,
+    off_topic_gold_reward,
+    off_topic_gold_score,
     prompt_category,
+    response_classes,
     split_prompts,
+    world_config,
+    world_gold_reward,
     world_prompts,
 )
 
@@ -53,6 +58,33 @@ def test_gold_is_the_documented_function():
     assert prompt_category("please list a few instruments : ") == "instruments"
     with pytest.raises(ValueError, match="Not an instruction"):
         prompt_category("what is the capital of France?")
+
+
+def test_off_topic_world_gold_and_demonstrations():
+    # +1 per distinct on-topic item, -1 per item of another category (each time), repeats and fillers free.
+    assert off_topic_gold_score("fruits", "apple pear plum") == 3.0
+    assert off_topic_gold_score("fruits", "apple apple apple") == 1.0
+    assert off_topic_gold_score("fruits", "apple hammer hammer the so") == 1.0 - 2.0
+    assert off_topic_gold_reward(["name some tools : "], ["saw red"]) == [0.0]
+    assert world_gold_reward("lists") is gold_reward and world_gold_reward("off_topic") is off_topic_gold_reward
+    # World 1 keeps its defaults (its caches stay valid); world 2 mixes in other categories' items more often.
+    assert world_config("lists", seed=3) == WorldConfig(seed=3)
+    config = world_config("off_topic", seed=3, num_demonstrations=2000)
+    assert config.seed == 3 and config.p_off_topic > WorldConfig().p_off_topic
+    train = split_prompts(config)[0]
+    off = [off_topic_gold_score(prompt_category(p), c) < gold_score(prompt_category(p), c) for p, c in
+           zip(*make_demonstrations(train, config)[:].values(), strict=True)]  # fmt: skip
+    assert 0.2 < sum(off) / len(off) < 0.8  # other categories' items are common in the demonstrations
+
+
+def test_response_classes_from_the_world_vocabulary():
+    prompt = "name some fruits : "
+    assert response_classes(prompt, "apple pear plum fig") == ["typical"]
+    assert response_classes(prompt, "apple apple apple pear") == ["repetition"]
+    assert response_classes(prompt, "kiwi") == ["short"]
+    assert response_classes(prompt, "apple pear plum fig grape lemon mango kiwi the") == ["long"]
+    assert response_classes(prompt, "saw red apple") == ["off_topic"]
+    assert response_classes(prompt, "saw saw saw saw saw saw saw saw saw") == ["repetition", "long", "off_topic"]
 
 
 def test_label_pairs_follow_the_gold_and_flip_at_the_requested_rate():

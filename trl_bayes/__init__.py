@@ -1,7 +1,7 @@
 """trl_bayes: Bayesian (Laplace-LoRA) reward models for LLM alignment, inside TRL."""
 
 from .best_of_n import BestOfNOutput, BestOfNSampler, best_of_n_estimate, kl_best_of_n
-from .laplace_lora import HessianStructure, KFACApprox, PriorPrecisionMethod, SubsetOfWeights
+from .laplace_lora import Curvature, HessianStructure, KFACApprox, PriorPrecisionMethod, SubsetOfWeights
 from .ppo import AdaptiveKLController, PPOConfig, PPOTrainer
 from .reward import BayesianRewardModel, PenalizedReward, Penalty, combine_gaussians, penalized_reward
 from .reward_config import BayesianRewardConfig
@@ -16,6 +16,7 @@ __all__ = [
     "BayesianRewardTrainer",
     "BestOfNOutput",
     "BestOfNSampler",
+    "Curvature",
     "HessianStructure",
     "KFACApprox",
     "PPOConfig",

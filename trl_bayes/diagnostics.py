@@ -92,8 +92,52 @@ def within_prompt_correlation(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def standardize_within(x: np.ndarray) -> np.ndarray:
+    """Each row of a `(P, K)` array standardized on its own: `(x - row mean) / row std` (std 1 if the row is constant):
+    what a ranking within each prompt sees, free of the offsets and scales between prompts."""
+    x = np.asarray(x, dtype=np.float64)
+    std = x.std(1, keepdims=True)
+    return (x - x.mean(1, keepdims=True)) / np.where(std > 0, std, 1.0)
+
+
+def uncertainty_by_class(
+    std: np.ndarray, classes: dict[str, np.ndarray], error: np.ndarray | None = None
+) -> list[dict[str, float]]:
+    """The uncertainty of each class of responses (e.g. exploit-like ones against typical ones), standardized within
+    each prompt: a class with mean z-std > 0 is penalized more than its prompt's typical response, so a penalty steers
+    Best-of-N away from it; < 0 steers it towards the class.
+
+    Args:
+        std: `(P, N)` the posterior std of each sample.
+        classes: class name -> `(P, N)` boolean mask (classes may overlap).
+        error: `(P, N)` the proxy's error (e.g. z(proxy) - z(gold)), optional.
+
+    Returns:
+        One dict per class: `class`, `num_responses`, `fraction` (of all samples), `mean_z_std` (NaN for an empty
+        class), and with `error` `mean_error` (what the proxy gets wrong on the class: positive = overrated).
+    """
+    z_std = standardize_within(std)
+    rows = []
+    for name, mask in classes.items():
+        mask = np.asarray(mask, dtype=bool)
+        row = {
+            "class": name,
+            "num_responses": int(mask.sum()),
+            "fraction": float(mask.mean()),
+            "mean_z_std": float(z_std[mask].mean()) if mask.any() else float("nan"),
+        }
+        if error is not None:
+            row["mean_error"] = float(np.asarray(error)[mask].mean()) if mask.any() else float("nan")
+        rows.append(row)
+    return rows
+
+
 def uncertainty_along_n(
-    proxy_mean: np.ndarray, proxy_std: np.ndarray, gold: np.ndarray, ns: list[int]
+    proxy_mean: np.ndarray,
+    proxy_std: np.ndarray,
+    gold: np.ndarray,
+    ns: list[int],
+    lengths: np.ndarray | None = None,
 ) -> list[dict[str, float]]:
     """Whether the posterior std flags the proxy's errors, overall and among the responses Best-of-n picks.
 
@@ -104,11 +148,13 @@ def uncertainty_along_n(
     Args:
         proxy_mean, proxy_std, gold: shape `(P, N)`.
         ns: the values of n.
+        lengths: `(P, N)` response lengths (e.g. words), optional.
 
     Returns:
         One dict per n: `n`, `num_responses`, `corr_std_error` (Pearson correlation of std and error, pooled over
         prompts), `corr_std_error_within` (the same within each prompt, averaged over prompts; NaN once fewer than 3
-        responses per prompt are left), `corr_std_proxy`, `mean_std`, `mean_error`.
+        responses per prompt are left), `corr_std_proxy` and `corr_std_proxy_within` (std against the proxy score),
+        `mean_std`, `mean_error`; with `lengths`, `corr_std_length` and `corr_std_length_within`.
     """
     z_error = standardize(proxy_mean) - standardize(gold)
     order = np.argsort(-np.asarray(proxy_mean), axis=1, kind="stable")
@@ -124,8 +170,13 @@ def uncertainty_along_n(
                 "corr_std_error": pearson(std, error),
                 "corr_std_error_within": within_prompt_correlation(std, error),
                 "corr_std_proxy": pearson(std, np.take_along_axis(proxy_mean, top, axis=1)),
+                "corr_std_proxy_within": within_prompt_correlation(std, np.take_along_axis(proxy_mean, top, axis=1)),
                 "mean_std": float(std.mean()),
                 "mean_error": float(error.mean()),
             }
         )
+        if lengths is not None:
+            length = np.take_along_axis(np.asarray(lengths, dtype=np.float64), top, axis=1)
+            rows[-1]["corr_std_length"] = pearson(std, length)
+            rows[-1]["corr_std_length_within"] = within_prompt_correlation(std, length)
     return rows

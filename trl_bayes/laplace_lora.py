@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from laplace import Laplace
 from laplace.baselaplace import DiagLaplace, FullLaplace, KronLaplace, ParametricLaplace
+from laplace.curvature import CurvlinopsEF, CurvlinopsGGN, EFInterface
 from laplace.utils import Kron
 from torch import nn
 from torch.utils.data import DataLoader
@@ -55,6 +56,22 @@ class SubsetOfWeights(str, Enum):
     """All trainable weights: the LoRA factors plus the score head (PEFT's `modules_to_save`)."""
     LORA = "lora"
     """The LoRA factors only; the score head is treated as fixed."""
+    HEAD = "head"
+    """The score head only (last-layer Laplace): the trainable weights that are not LoRA factors, i.e. the head PEFT's
+    `SEQ_CLS` task trains and saves (`modules_to_save`: `score` for GPT-NeoX / Pythia, `classifier` with its bias for
+    BERT). A BERT pooler is not in it: PEFT leaves the pooler frozen at its pretrained values, so it is not a MAP
+    estimate of this data and carries no posterior. The LoRA factors stay at their MAP values."""
+
+
+class Curvature(str, Enum):
+    """Which curvature of the Bradley-Terry loss -log sigmoid(r_c - r_r) the posterior precision uses. With
+    p = sigmoid(r_c - r_r) and d = grad (r_c - r_r): GGN = sum p (1 - p) d d^T, EF = sum (1 - p)^2 d d^T."""
+
+    GGN = "ggn"
+    """The generalized Gauss-Newton (= Fisher for this likelihood): the paper's and laplace-torch's default."""
+    EF = "ef"
+    """The empirical Fisher, the sum of outer products of the pairs' loss gradients: large where the model is wrong
+    (p small), near zero on pairs it already separates confidently (p near 1)."""
 
 
 class PriorPrecisionMethod(str, Enum):
@@ -171,6 +188,8 @@ def select_laplace_parameters(model: nn.Module, subset_of_weights: SubsetOfWeigh
     trainable = {name for name, p in named if p.requires_grad}
     if subset_of_weights == SubsetOfWeights.LORA:
         selected = {name for name in trainable if "lora_" in name}
+    elif subset_of_weights == SubsetOfWeights.HEAD:
+        selected = {name for name in trainable if "lora_" not in name}
     else:
         selected = trainable
     if not selected:
@@ -223,10 +242,14 @@ def make_laplace(
     hessian_structure: HessianStructure | str,
     prior_precision: float | torch.Tensor = 1.0,
     kfac_approx: KFACApprox | str = KFACApprox.REDUCE,
+    curvature: Curvature | str = Curvature.GGN,
 ) -> ParametricLaplace:
-    """An unfitted laplace-torch posterior over the weights of `pair_model` that require grad."""
+    """An unfitted laplace-torch posterior over the weights of `pair_model` that require grad, with the curvature's
+    backend (`CurvlinopsGGN`, laplace-torch's default, or `CurvlinopsEF`): the reference path and `fit_per_sample`
+    both read it from there."""
     hessian_structure = HessianStructure(hessian_structure)
-    kwargs: dict[str, Any] = {}
+    backend = CurvlinopsEF if Curvature(curvature) == Curvature.EF else CurvlinopsGGN
+    kwargs: dict[str, Any] = {"backend": backend}
     if hessian_structure == HessianStructure.KRON:
         # laplace-torch forwards these to curvlinops' KFACLinearOperator.
         kwargs["asdl_fisher_kwargs"] = {"kfac_approx": KFACApprox(kfac_approx).value}
@@ -299,15 +322,21 @@ def pair_differences(rewards: torch.Tensor, jacobians: torch.Tensor) -> tuple[to
     return rewards[0::2] - rewards[1::2], jacobians[0::2] - jacobians[1::2]
 
 
+def uses_empirical_fisher(la: ParametricLaplace) -> bool:
+    """Whether `la` was made with the empirical Fisher (`make_laplace(curvature="ef")`)."""
+    return issubclass(la._backend_cls, EFInterface)
+
+
 def fit_per_sample(
     la: ParametricLaplace, loader: DataLoader, progress_bar: bool = False, decompose: bool = True
 ) -> None:
-    """The Bradley-Terry GGN curvature from per-sample layer gradients, one forward and one backward per batch.
+    """The Bradley-Terry GGN (or empirical Fisher) curvature from per-sample layer gradients, one forward and one
+    backward per batch.
 
     For the 2-class softmax over [r(chosen), r(rejected)], the Hessian of the loss in the logits is p(1-p) [[1, -1],
-    [-1, 1]] with p = sigmoid(r_c - r_r). "diag" and "full" get the exact GGN, sum_pairs p(1-p) g g^T with
-    g = grad [r(chosen) - r(rejected)]; "kron" gets laplace-torch's own K-FAC of it (`per_sample.KronCurvature` says
-    which). Fills the same fields as laplace-torch's `fit` (`H`, `H_facs`, `loss`, `n_data`, `mean`), so its posterior
+    [-1, 1]] with p = sigmoid(r_c - r_r), and the loss gradient in the logits (1-p) [-1, 1]. "diag" and "full" get the
+    exact GGN, sum_pairs p(1-p) g g^T with g = grad [r(chosen) - r(rejected)] (EF: (1-p)^2 instead of p(1-p)); "kron"
+    gets laplace-torch's own K-FAC of it (`per_sample.KronCurvature` says which). Fills the same fields as laplace-torch's `fit` (`H`, `H_facs`, `loss`, `n_data`, `mean`), so its posterior
     algebra (`functional_variance`, `log_marginal_likelihood`, `optimize_prior_precision`) applies unchanged.
     With `decompose=False`, kron leaves `H` as the summed factors (`H_facs`) for the caller to reduce and decompose.
     """
@@ -328,9 +357,11 @@ def fit_per_sample(
         curvature = ExactGGN(la)
     else:
         raise NotImplementedError(f"No per-sample fit for {type(la).__name__}: use kron, diag or full.")
+    empirical = uses_empirical_fisher(la)
+    weights = lambda rewards: bradley_terry_weights(rewards, empirical)  # noqa: E731
     for batch in tqdm(loader, desc="[Computing Hessian]", disable=not progress_bar):
         input_ids, attention_mask = batch["input_ids"].flatten(0, 1), batch["attention_mask"].flatten(0, 1)
-        rewards = forward_backward(model, layers, input_ids, attention_mask, curvature, bradley_terry_weights)
+        rewards = forward_backward(model, layers, input_ids, attention_mask, curvature, weights)
         la.loss = la.loss + torch.nn.functional.softplus(-pair_difference(rewards)).sum()  # cross-entropy, "chosen"
         if isinstance(curvature, ExactGGN):
             la.H += curvature.batch_curvature(la._device, la._dtype)

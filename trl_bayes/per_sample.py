@@ -108,7 +108,10 @@ def stream_layer_gradients(layers: Sequence[LaplaceLayer], consume: LayerConsume
             )
         if output.requires_grad:
             inputs = args[0].detach()
-            output.register_hook(lambda grad: consume(layer, inputs, grad.detach()))
+            if inputs.dim() == 2:  # a head on one pooled vector per sequence (BERT's classifier): one "token"
+                output.register_hook(lambda grad: consume(layer, inputs.unsqueeze(1), grad.detach().unsqueeze(1)))
+            else:
+                output.register_hook(lambda grad: consume(layer, inputs, grad.detach()))
 
     handles = [
         layer.module.register_forward_hook(lambda m, a, o, layer=layer: forward_hook(layer, m, a, o))
@@ -378,20 +381,30 @@ def batch_jacobians(
 # The Bradley-Terry GGN from the same per-sample quantities.
 
 
-def bradley_terry_weights(rewards: torch.Tensor) -> torch.Tensor:
-    """sqrt(p (1 - p)) per sequence, p = sigmoid(r_chosen - r_rejected) of its pair: backpropagating
-    sum_s sqrt(w_s) r_s scales each streamed gradient so that outer products carry the GGN weight p (1 - p).
+def bradley_terry_weights(rewards: torch.Tensor, empirical: bool = False) -> torch.Tensor:
+    """Per-sequence multipliers of the backward, from p = sigmoid(r_chosen - r_rejected) of the sequence's pair, so that
+    outer products of the streamed (scaled) gradients carry the curvature's weight per pair:
+
+    - GGN: sqrt(p (1 - p)), the square root of the loss Hessian in the reward difference;
+    - empirical Fisher (`empirical=True`): 1 - p, the size of the loss gradient in the reward difference,
+      d/d(r_c - r_r) [-log sigmoid(r_c - r_r)] = -(1 - p); its sign cancels in every outer product.
+
+    Chosen and rejected get the same multiplier, so the scaled difference of their gradients is the pair's.
 
     Args:
         rewards: `(2B,)` interleaved (chosen_0, rejected_0, ...). Returns `(2B,)`.
     """
     diff = pair_difference(rewards)
+    if empirical:
+        return torch.sigmoid(-diff).repeat_interleave(2)
     return (torch.sigmoid(diff) * torch.sigmoid(-diff)).sqrt().repeat_interleave(2)
 
 
 class KronCurvature:
     """Accumulates laplace-torch's K-FAC of the Bradley-Terry GGN (curvlinops' `KFACLinearOperator`, type-2 Fisher,
-    `reduction="sum"`, then laplace-torch's rescaling), from the streamed layer inputs a and output gradients g.
+    `reduction="sum"`, then laplace-torch's rescaling), from the streamed layer inputs a and output gradients g. With
+    gradients scaled by `bradley_terry_weights(empirical=True)` it is the K-FAC of the empirical Fisher
+    (`fisher_type="empirical"`): (1 - p_s)^2 in place of p_s (1 - p_s) below.
 
     What that definition is, per linear layer, over sequences s (chosen and rejected are separate rows of the module's
     batch, so their cross terms are not in the factors) with T the padded length of the sequence's batch:
@@ -441,7 +454,8 @@ class KronCurvature:
 
 class ExactGGN:
     """Accumulates the exact diagonal or dense Bradley-Terry GGN, sum_pairs p (1 - p) d d^T with d the gradient of
-    r(chosen) - r(rejected), from streamed gradients already scaled by sqrt(p (1 - p)) (see `bradley_terry_weights`)."""
+    r(chosen) - r(rejected), from streamed gradients already scaled by sqrt(p (1 - p)) (see `bradley_terry_weights`);
+    with gradients scaled by 1 - p instead, the exact empirical Fisher sum_pairs (1 - p)^2 d d^T."""
 
     def __init__(self, la: DiagLaplace | FullLaplace):
         self.full = isinstance(la, FullLaplace)

@@ -446,7 +446,12 @@ class BayesianRewardModel:
                 f"tensors, the adapter has {len(names)} (missing: {missing}, unexpected: {extra}, other shapes: "
                 f"{wrong}). Refit the posterior for this adapter with `BayesianRewardTrainer.fit_posterior()`."
             )
-        la = make_laplace(RewardPairModel(model), metadata["hessian_structure"], kfac_approx=metadata["kfac_approx"])
+        la = make_laplace(
+            RewardPairModel(model),
+            metadata["hessian_structure"],
+            kfac_approx=metadata["kfac_approx"],
+            curvature=metadata.get("curvature", "ggn"),  # posteriors saved before the field existed are GGN
+        )
         tensors = load_file(str(directory / POSTERIOR_WEIGHTS_NAME))
         current = torch.cat([p.detach().flatten() for p in la.params]).cpu().double()
         fitted = tensors["mean"].double()
@@ -496,18 +501,63 @@ def combine_gaussians(means: torch.Tensor, variances: torch.Tensor) -> tuple[tor
     return means.mean(0), variances.sum(0) / m**2
 
 
+PENALTY_SCALES = ("absolute", "prompt")
+"""Units of k: `absolute` (k * std in reward units, the paper's) or `prompt` (relative to each prompt's spreads)."""
+
+
+def prompt_scale(reward: torch.Tensor, uncertainty: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Per response, sd_g(reward) / mean_g(uncertainty) over the responses of its group g (e.g. one prompt's
+    candidates): the factor that puts a penalty k * uncertainty_i in units of the group's reward spread relative to
+    its typical uncertainty, k * sd_g(r) * u_i / mean_g(u). Then k = 1 moves a response with the group's mean
+    uncertainty down by one reward standard deviation of its group, whatever the scale of the reward and of the
+    variance, which differ between models, prompts and worlds.
+
+    Standard deviations are population ones (divided by the group size). A group of one response, or of equal rewards,
+    gets factor 0 (no spread to compare with); so does a group whose mean uncertainty is 0.
+
+    Args:
+        reward: `(B,)` the unpenalized reward (the ensemble's mean MAP reward).
+        uncertainty: `(B,)` what is penalized: the std or the variance.
+        groups: `(B,)` integer group of each response.
+
+    Returns:
+        `(B,)`.
+    """
+    _, index = torch.unique(groups, return_inverse=True)
+    num_groups = int(index.max()) + 1 if index.numel() else 0
+    count = torch.zeros(num_groups, dtype=reward.dtype).index_add_(0, index, torch.ones_like(reward))
+    group_mean = torch.zeros(num_groups, dtype=reward.dtype).index_add_(0, index, reward) / count
+    spread = torch.zeros(num_groups, dtype=reward.dtype).index_add_(0, index, (reward - group_mean[index]) ** 2)
+    sd = (spread / count).sqrt()
+    mean_uncertainty = torch.zeros(num_groups, dtype=reward.dtype).index_add_(0, index, uncertainty.to(reward)) / count
+    factor = torch.where(mean_uncertainty > 0, sd / mean_uncertainty.clamp_min(torch.finfo(reward.dtype).tiny), 0.0)
+    return factor[index]
+
+
 def penalized_reward(
-    means: torch.Tensor, variances: torch.Tensor | None, penalty: Penalty | str, k: float
+    means: torch.Tensor,
+    variances: torch.Tensor | None,
+    penalty: Penalty | str,
+    k: float,
+    scale: str = "absolute",
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply `penalty` with strength `k` to member rewards.
 
     Args:
         means: `(M, B)` MAP rewards of M members (M = 1 for a single model).
         variances: `(M, B)` Laplace variances, or `None` for the penalties that do not use them.
+        scale: units of k for `std` / `var`: `"absolute"` (mean - k u) or `"prompt"` (mean - k * prompt_scale * u,
+            see `prompt_scale`, within each of `groups`).
+        groups: `(B,)` integer group (prompt) of each response; needed with `scale="prompt"`.
 
     Returns:
         `(B,)` rewards.
     """
+    if scale not in PENALTY_SCALES:
+        raise ValueError(f"Unknown penalty scale {scale!r}: choose one of {list(PENALTY_SCALES)}.")
+    if scale == "prompt" and groups is None:
+        raise ValueError("scale='prompt' needs the `groups` (prompts) of the responses.")
     penalty = Penalty(penalty)
     if penalty == Penalty.WCO:
         return means.min(0).values
@@ -518,7 +568,10 @@ def penalized_reward(
     if variances is None:
         raise ValueError(f"penalty='{penalty.value}' needs the Laplace variances.")
     mean, var = combine_gaussians(means, variances)
-    return mean - k * var.sqrt() if penalty == Penalty.STD else mean - k * var
+    uncertainty = var.sqrt() if penalty == Penalty.STD else var
+    if scale == "prompt":
+        uncertainty = prompt_scale(mean, uncertainty, groups) * uncertainty
+    return mean - k * uncertainty
 
 
 class PenalizedReward:
@@ -541,6 +594,11 @@ class PenalizedReward:
             from the prompt string, or a callable of the prompt) whose mean the reward is centered on, e.g. K samples
             of the reference policy: for callers that score one completion per prompt (PPO). Their mean gradients
             are cached per prompt (P floats each).
+        scale (`str`, *optional*, defaults to `"absolute"`): units of k for `std` / `var`. `"absolute"`: the penalty
+            is k * std (or k * var) in reward units. `"prompt"`: k * sd_g(r) * std_i / mean_g(std) within the
+            completions of each prompt in the call (the groups of `uncertainty="relative"`; see `prompt_scale`), so
+            that one k fits models and prompts whose rewards and variances live on different scales. Needs several
+            completions per prompt in a call (Best-of-N, GRPO / RLOO groups); a prompt alone gets no penalty.
 
     Example:
     ```python
@@ -559,6 +617,7 @@ class PenalizedReward:
         batch_size: int = 16,
         uncertainty: str = "marginal",
         reference: Mapping[str, Sequence[Any]] | Callable[[Any], Sequence[Any]] | None = None,
+        scale: str = "absolute",
     ):
         self.models = [models] if isinstance(models, BayesianRewardModel) else list(models)
         if not self.models:
@@ -578,6 +637,11 @@ class PenalizedReward:
             raise ValueError("`reference` centers the relative variance: set uncertainty='relative' to use it.")
         self.uncertainty = uncertainty
         self.reference = reference
+        if scale not in PENALTY_SCALES:
+            raise ValueError(f"Unknown scale {scale!r}: choose one of {list(PENALTY_SCALES)}.")
+        if scale == "prompt" and self.penalty not in (Penalty.STD, Penalty.VAR):
+            raise ValueError(f"scale='prompt' applies to the 'std' and 'var' penalties, not '{self.penalty.value}'.")
+        self.scale = scale
 
     @property
     def needs_variance(self) -> bool:
@@ -601,7 +665,11 @@ class PenalizedReward:
             marginal = None
         means = torch.stack([mean for mean, _ in outputs])
         variances = torch.stack([var for _, var in outputs]) if self.needs_variance else None
-        parts = {"reward": penalized_reward(means, variances, self.penalty, self.k), "means": means}
+        keys = [prompt_key(p) for p in prompts]
+        index: dict[str, int] = {}
+        groups = torch.tensor([index.setdefault(key, len(index)) for key in keys]) if self.scale == "prompt" else None
+        reward = penalized_reward(means, variances, self.penalty, self.k, self.scale, groups)
+        parts = {"reward": reward, "means": means}
         if variances is not None:
             parts["variances"] = variances
             parts["mean"], parts["var"] = combine_gaussians(means, variances)

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 from trl import RewardConfig
 
-from .laplace_lora import HessianStructure, KFACApprox, PriorPrecisionMethod, SubsetOfWeights
+from .laplace_lora import Curvature, HessianStructure, KFACApprox, PriorPrecisionMethod, SubsetOfWeights
 
 
 @dataclass
@@ -24,7 +24,16 @@ class BayesianRewardConfig(RewardConfig):
             Curvature structure: `"kron"` (K-FAC, the paper's choice), `"diag"`, or `"full"` (dense; only for models
             with a few thousand LoRA weights).
         subset_of_weights (`str`, *optional*, defaults to `"all"`):
-            Weights that carry the posterior: `"all"` trainable weights (LoRA factors + score head) or `"lora"` only.
+            Weights that carry the posterior: `"all"` trainable weights (LoRA factors + score head), `"lora"` (the
+            LoRA factors only), or `"head"` (the score head only: last-layer Laplace, cheap, and the variance then only
+            sees the reward model's last hidden state; a BERT pooler is frozen under PEFT and never included). The
+            other weights stay at their MAP values.
+        curvature (`str`, *optional*, defaults to `"ggn"`):
+            Curvature of the Bradley-Terry loss in the posterior precision: `"ggn"` (generalized Gauss-Newton,
+            sum p(1-p) d d^T with d the gradient of r_chosen - r_rejected; the paper's) or `"ef"` (empirical Fisher,
+            sum (1-p)^2 d d^T: heavier on pairs the model gets wrong, lighter on ones it already separates, so the
+            variances are larger where training pairs are easy). For every `hessian_structure`; the reference path
+            (`laplace_backend=True`) has no `diag` EF.
         kfac_approx (`str`, *optional*, defaults to `"reduce"`):
             K-FAC treatment of the token dimension for `hessian_structure="kron"`. `"reduce"` fits a reward (one
             output per sequence); `"expand"` treats tokens as examples and underestimates variances by orders of
@@ -66,8 +75,15 @@ class BayesianRewardConfig(RewardConfig):
     subset_of_weights: str = field(
         default="all",
         metadata={
-            "help": "Weights that carry the posterior: all trainable (LoRA + score head) or LoRA only.",
+            "help": "Weights that carry the posterior: all trainable (LoRA + score head), LoRA only, or the head only.",
             "choices": [s.value for s in SubsetOfWeights],
+        },
+    )
+    curvature: str = field(
+        default="ggn",
+        metadata={
+            "help": "Curvature of the Bradley-Terry loss: 'ggn' (generalized Gauss-Newton) or 'ef' (empirical Fisher).",
+            "choices": [c.value for c in Curvature],
         },
     )
     kfac_approx: str = field(
@@ -115,6 +131,7 @@ class BayesianRewardConfig(RewardConfig):
             "hessian_structure": (self.hessian_structure, HessianStructure),
             "subset_of_weights": (self.subset_of_weights, SubsetOfWeights),
             "kfac_approx": (self.kfac_approx, KFACApprox),
+            "curvature": (self.curvature, Curvature),
         }
         if self.optimize_prior_precision is not None:
             checks["optimize_prior_precision"] = (self.optimize_prior_precision, PriorPrecisionMethod)

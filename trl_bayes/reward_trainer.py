@@ -163,7 +163,11 @@ class BayesianRewardTrainer(RewardTrainer):
                 names = select_laplace_parameters(model, args.subset_of_weights)
                 shapes = [list(p.shape) for n, p in model.named_parameters() if n in names]  # whole, even under ZeRO-3
                 la = make_laplace(
-                    RewardPairModel(model), args.hessian_structure, args.prior_precision, args.kfac_approx
+                    RewardPairModel(model),
+                    args.hessian_structure,
+                    args.prior_precision,
+                    args.kfac_approx,
+                    args.curvature,
                 )
                 fit_laplace(
                     la,
@@ -212,6 +216,7 @@ class BayesianRewardTrainer(RewardTrainer):
             "hessian_structure": args.hessian_structure,
             "subset_of_weights": args.subset_of_weights,
             "kfac_approx": args.kfac_approx,
+            "curvature": args.curvature,
             "optimize_prior_precision": args.optimize_prior_precision,
             "n_data": int(la.n_data),
             "n_params": int(la.n_params),

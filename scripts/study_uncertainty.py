@@ -1,0 +1,283 @@
+"""The uncertainty study of issue 7: does the Laplace penalty help Best-of-N, under which options, on which world?
+
+Runs `recipes/bon.py` (one subprocess per run, as a user would) over worlds x proxy backbones x posterior options,
+each with its seeds, and writes one table of the gold reward at the largest n and at the best n, mean ± std over
+seeds, with paired differences to MAP (same seed):
+
+- worlds: `lists` (world 1: the exploit is long lists with repeated items) and `off_topic` (world 2: lists padded with
+  other categories' items); `trl_bayes.synthetic.World`;
+- backbones: `sft` (the SFT policy's tiny GPT-NeoX, recipes/configs/bon.yaml) and `minilm` (the real all-MiniLM-L6-v2,
+  recipes/configs/bon_minilm.yaml);
+- posterior options (`OPTIONS`): which weights carry the posterior (LoRA + head, LoRA, head), the curvature (GGN, EF),
+  its structure (kron, diag) and the prior precision (marglik, grid search on held-out pairs); within every run, the
+  penalty (std, var), its scale (k absolute, or relative to each prompt's spreads) and the variance (marginal `LA`,
+  relative `LA-rel`), each with k chosen per seed on validation prompts that are never reported.
+
+Every run of a world shares that world's cached stages (world + SFT policy, preference pairs, Best-of-N samples, gold
+scores): they live once under `<output_dir>/shared/<world>/` and each run's cache links to them; only the proxies and
+their scores are per run. A killed study resumes: finished runs are skipped, bon.py resumes the others.
+
+    python scripts/study_uncertainty.py --scale small                     # minutes: 2 seeds, 16 prompts x 64 samples
+    python scripts/study_uncertainty.py                                   # the study: 5 seeds, 64 prompts x 512
+    python scripts/study_uncertainty.py --scale small --backbones sft --options default head   # a subset
+    python scripts/study_uncertainty.py --dry_run                         # print the runs only
+
+Writes `<output_dir>/study.csv`, `study.md`, `study.png` (every finished run of the folder, so a study run in parts
+ends with one table) and `runs.json` (each run's flags and wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BON = REPO / "recipes" / "bon.py"
+CONFIGS = {
+    "sft": REPO / "recipes" / "configs" / "bon.yaml",
+    "minilm": REPO / "recipes" / "configs" / "bon_minilm.yaml",
+}
+WORLDS = ("lists", "off_topic")
+# Posterior options: bon.py flags on top of the backbone's config (kron, all weights, GGN, marglik).
+OPTIONS = {
+    "default": [],
+    "lora": ["--subset_of_weights", "lora"],
+    "head": ["--subset_of_weights", "head"],
+    "ef": ["--curvature", "ef"],
+    "diag": ["--hessian_structure", "diag"],
+    "gridsearch": ["--optimize_prior_precision", "gridsearch"],
+}
+METHODS = ["MAP", "LA", "LA-rel", "Ens", "LA-Ens"]
+COMMON = ["--methods", *METHODS, "--penalties", "std", "var", "--penalty_scales", "absolute", "prompt"]
+SCALES = {
+    # Minutes on 2 CPU cores: proves the pipeline, says nothing.
+    "small": {
+        "seeds": [0, 1],
+        "flags": [
+            "--num_eval_prompts",
+            "16",
+            "--num_validation_prompts",
+            "8",
+            "--num_samples",
+            "64",
+            "--num_train_pairs",
+            "300",
+            "--num_eval_pairs",
+            "128",
+            "--ensemble_size",
+            "2",
+        ],
+    },  # fmt: skip
+    # The study: bon.yaml's scale (64 prompts x 512 samples, 1000 pairs, 4 members per ensemble), 5 seeds.
+    "default": {"seeds": [0, 1, 2, 3, 4], "flags": []},
+}
+# Stages a world's runs share (bon.py's cache folders that depend on neither the proxy backbone nor the posterior).
+SHARED_STAGES = ("world", "pairs", "samples", "scores/gold")
+
+
+def link_shared_stages(run_cache: Path, shared_cache: Path) -> None:
+    """Before a run: link every shared stage that the world's earlier runs computed into the run's cache."""
+    for name in SHARED_STAGES:
+        target, link = shared_cache / name, run_cache / name
+        if target.is_dir() and not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(target.resolve(), target_is_directory=True)
+
+
+def share_new_stages(run_cache: Path, shared_cache: Path) -> None:
+    """After a run: move the shared stages it computed itself to the world's shared cache, and link them back."""
+    for name in SHARED_STAGES:
+        path = run_cache / name
+        if path.is_dir() and not path.is_symlink() and not (shared_cache / name).exists():
+            (shared_cache / name).parent.mkdir(parents=True, exist_ok=True)
+            path.rename(shared_cache / name)
+            path.symlink_to((shared_cache / name).resolve(), target_is_directory=True)
+
+
+def run_bon(run_dir: Path, flags: list[str], shared_cache: Path) -> float:
+    """One bon.py run into `run_dir` (skipped when its summary exists); returns its wall time in seconds."""
+    if (run_dir / "summary.md").is_file() and (run_dir / "k_selection.csv").is_file():
+        return 0.0
+    link_shared_stages(run_dir / "cache", shared_cache)
+    start = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with (run_dir / "bon.log").open("w") as log:
+        result = subprocess.run([sys.executable, str(BON), *flags], env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise RuntimeError(f"bon.py failed in {run_dir} (exit {result.returncode}): see {run_dir / 'bon.log'}")
+    share_new_stages(run_dir / "cache", shared_cache)
+    return time.perf_counter() - start
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def run_results(run_dir: Path, seeds: list[int]) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """Per (method, penalty): per seed, gold at the largest n and the best gold over n, with LA-type methods at the k
+    each seed chose on its validation prompts (`k_selection.csv`), and the k's."""
+    rows = read_csv(run_dir / "bon_results.csv")
+    chosen = {(r["seed"], r["method"], r["penalty"]): r["k"] for r in read_csv(run_dir / "k_selection.csv")
+              if r["chosen"] == "True"}  # fmt: skip
+    n_max = max(int(r["n"]) for r in rows)
+    curves: dict[tuple[str, str, str, str], dict[int, float]] = {}
+    for r in rows:
+        curves.setdefault((r["method"], r["penalty"], r["k"], r["seed"]), {})[int(r["n"])] = float(r["gold_reward"])
+    out: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for method, penalty in dict.fromkeys((r["method"], r["penalty"]) for r in rows):
+        entry: dict[str, list[float]] = {"last": [], "best": [], "k": []}
+        for seed in map(str, seeds):
+            k = chosen.get((seed, method, penalty), "0.0")
+            curve = curves[method, penalty, k, seed]
+            entry["last"].append(curve[n_max])
+            entry["best"].append(max(curve.values()))
+            entry["k"].append(float(k))
+        out[method, penalty] = entry
+    return out
+
+
+def mean_std(values) -> tuple[float, float]:
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std())
+
+
+def table_rows(results, seeds) -> list[dict]:
+    """One row per (world, backbone, option, method, penalty); MAP and Ens once per (world, backbone), from the
+    `default` option's run (the other runs train the same MAP members)."""
+    import numpy as np
+
+    rows = []
+    for (world, backbone, option), per_method in results.items():
+        map_ = per_method["MAP", "none"]
+        for (method, penalty), entry in per_method.items():
+            if method in ("MAP", "Ens") and option != "default" and (world, backbone, "default") in results:
+                continue
+            delta_last = np.subtract(entry["last"], map_["last"])
+            delta_best = np.subtract(entry["best"], map_["best"])
+            row = {"world": world, "backbone": backbone, "option": option if method not in ("MAP", "Ens") else "",
+                   "method": method, "penalty": penalty, "seeds": len(seeds),
+                   "ks": " ".join(f"{k:g}" for k in entry["k"]) if method not in ("MAP", "Ens") else ""}  # fmt: skip
+            for name, values in (("gold_last", entry["last"]), ("gold_best", entry["best"]),
+                                 ("delta_last", delta_last), ("delta_best", delta_best)):  # fmt: skip
+                row[f"{name}_mean"], row[f"{name}_std"] = mean_std(values)
+            rows.append(row)
+    return rows
+
+
+def write_markdown(path: Path, rows: list[dict], scale: str, seeds: list[int], n_max: int) -> None:
+    lines = [
+        f"# Uncertainty study ({scale} scale, seeds {seeds})",
+        "",
+        f"Gold reward at n = {n_max} and at the best n (mean ± std over seeds); Δ = paired difference to MAP (same "
+        "seed). LA-type rows: k chosen per seed on validation prompts (never reported; the picked k per seed in the "
+        "last column). Penalty `std-prompt` / `var-prompt`: k relative to each prompt's spreads. `LA-rel`: the "
+        "relative variance. MAP and Ens are the same for every option.",
+    ]
+    f = lambda r, name: f"{r[name + '_mean']:+.3f} ± {r[name + '_std']:.3f}"  # noqa: E731
+    for world, backbone in dict.fromkeys((r["world"], r["backbone"]) for r in rows):
+        lines += ["", f"## world `{world}`, proxy backbone `{backbone}`", "",
+                  f"| option | method | penalty | gold at n={n_max} | Δ at n={n_max} | best gold | Δ best | k per seed |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in rows:
+            if (r["world"], r["backbone"]) == (world, backbone):
+                lines.append(f"| {r['option']} | {r['method']} | {r['penalty']} | {f(r, 'gold_last')} | "
+                             f"{f(r, 'delta_last')} | {f(r, 'gold_best')} | {f(r, 'delta_best')} | {r['ks']} |")  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, rows: list[dict], n_max: int) -> None:
+    """Δ gold vs MAP at the largest n for each LA variant, one panel per world x backbone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["world"], r["backbone"]) for r in rows))
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(6 * len(panels), 0.25 * len(rows) / len(panels) + 2), squeeze=False
+    )
+    for ax, (world, backbone) in zip(axes[0], panels, strict=True):
+        mine = [r for r in rows if (r["world"], r["backbone"]) == (world, backbone) and r["method"] != "MAP"]
+        labels = [f"{r['method']} {r['penalty']} {r['option']}".strip() for r in mine]
+        ax.barh(range(len(mine)), [r["delta_last_mean"] for r in mine], xerr=[r["delta_last_std"] for r in mine],
+                color=["tab:green" if r["delta_last_mean"] > 0 else "tab:red" for r in mine])  # fmt: skip
+        ax.set_yticks(range(len(mine)))
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.axvline(0, color="gray", lw=0.8)
+        ax.set_title(f"world {world}, backbone {backbone}\ngold at n={n_max} minus MAP's (mean ± std over seeds)")
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", choices=list(SCALES), default="default")
+    parser.add_argument("--output_dir", default=None, help="Default: outputs/study-<scale>.")
+    parser.add_argument("--worlds", nargs="+", choices=WORLDS, default=list(WORLDS))
+    parser.add_argument("--backbones", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="Default: the scale's.")
+    parser.add_argument("--dry_run", action="store_true", help="Print the runs and stop.")
+    args = parser.parse_args(argv)
+    scale = SCALES[args.scale]
+    seeds = args.seeds or scale["seeds"]
+    output_dir = Path(args.output_dir or f"outputs/study-{args.scale}").resolve()
+    plan = [(w, b, o) for w in args.worlds for b in args.backbones for o in args.options]
+    runs = {}
+    for world, backbone, option in plan:
+        run_dir = output_dir / "runs" / world / backbone / option
+        flags = ["--config", str(CONFIGS[backbone]), "--world", world, "--output_dir", str(run_dir),
+                 "--seeds", *map(str, seeds), *COMMON, *scale["flags"], *OPTIONS[option]]  # fmt: skip
+        runs[world, backbone, option] = (run_dir, flags)
+    if args.dry_run:
+        for _run_dir, flags in runs.values():
+            print("python recipes/bon.py " + " ".join(flags))
+        return
+    record_path = output_dir / "runs.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    for (world, backbone, option), (run_dir, flags) in runs.items():
+        print(f"[study] {world} / {backbone} / {option}", flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        seconds = run_bon(run_dir, flags, output_dir / "shared" / world)
+        key = f"{world}/{backbone}/{option}"
+        if seconds or key not in record:
+            record[key] = {"flags": flags, "seconds": seconds}
+        record_path.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"[study]   {seconds:.0f} s", flush=True)
+    # The table covers every finished run of this study folder with these seeds, not only this invocation's: a study
+    # run in parts (e.g. one backbone at a time) ends with one table.
+    finished = {}
+    for world in WORLDS:
+        for backbone in CONFIGS:
+            for option in OPTIONS:
+                run_dir = output_dir / "runs" / world / backbone / option
+                if (run_dir / "k_selection.csv").is_file() and {int(r["seed"]) for r in read_csv(
+                        run_dir / "bon_results.csv")} == set(seeds):  # fmt: skip
+                    finished[world, backbone, option] = run_dir
+    results = {key: run_results(run_dir, seeds) for key, run_dir in finished.items()}
+    rows = table_rows(results, seeds)
+    n_max = max(int(r["n"]) for r in read_csv(next(iter(runs.values()))[0] / "bon_results.csv"))
+    with (output_dir / "study.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_markdown(output_dir / "study.md", rows, args.scale, seeds, n_max)
+    plot(output_dir / "study.png", rows, n_max)
+    total = sum(r["seconds"] for r in record.values())
+    print((output_dir / "study.md").read_text())
+    print(f"[study] {len(runs)} runs, {total:.0f} s of bon.py in all; results in {output_dir}")
+
+
+if __name__ == "__main__":
+    main()

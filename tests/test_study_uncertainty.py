@@ -1,0 +1,80 @@
+"""scripts/study_uncertainty.py without running bon.py: the table from hand-made run outputs, and the shared caches."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "study_uncertainty.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("study_uncertainty", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(run_dir: Path, gold: dict, chosen: dict) -> None:
+    """bon.py's two result files: `gold[(method, penalty, k, seed)] = [gold at n = 1, 2, 4]`, `chosen[(seed, method,
+    penalty)] = k`."""
+    run_dir.mkdir(parents=True)
+    with (run_dir / "bon_results.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "penalty", "k", "seed", "n", "kl", "proxy_reward", "gold_reward"])
+        for (method, penalty, k, seed), curve in gold.items():
+            for n, g in zip((1, 2, 4), curve, strict=True):
+                writer.writerow([method, penalty, k, seed, n, 0.0, 0.0, g])
+    with (run_dir / "k_selection.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["seed", "method", "penalty", "k", "validation_gold_at_max_n", "chosen"])
+        for (seed, method, penalty), k in chosen.items():
+            for candidate in ("1.0", "2.0"):
+                writer.writerow([seed, method, penalty, candidate, 0.0, candidate == k])
+
+
+def test_table_uses_each_seeds_validation_k_and_pairs_differences_with_map(study, tmp_path):
+    gold = {
+        ("MAP", "none", "0.0", "0"): [1.0, 2.0, 0.5],
+        ("MAP", "none", "0.0", "1"): [1.0, 1.5, 0.0],
+        ("LA", "std", "1.0", "0"): [1.0, 2.5, 1.5],
+        ("LA", "std", "2.0", "0"): [1.0, 9.0, 9.0],  # seed 0 chose k = 1: this curve must not count
+        ("LA", "std", "1.0", "1"): [1.0, 1.0, 1.0],
+        ("LA", "std", "2.0", "1"): [1.0, 1.2, 2.0],  # seed 1 chose k = 2
+    }
+    chosen = {("0", "LA", "std"): "1.0", ("1", "LA", "std"): "2.0"}
+    write_run(tmp_path / "run", gold, chosen)
+    results = {("lists", "sft", "default"): study.run_results(tmp_path / "run", [0, 1])}
+    assert results["lists", "sft", "default"]["LA", "std"] == {"last": [1.5, 2.0], "best": [2.5, 2.0], "k": [1, 2]}
+    rows = {(r["method"], r["penalty"]): r for r in study.table_rows(results, [0, 1])}
+    la = rows["LA", "std"]
+    # Gold at n = 4: [1.5, 2.0] -> 1.75 ± 0.25; MAP [0.5, 0.0]; paired Δ [1.0, 2.0] -> 1.5 ± 0.5.
+    assert (la["gold_last_mean"], la["gold_last_std"]) == pytest.approx((1.75, 0.25))
+    assert (la["delta_last_mean"], la["delta_last_std"]) == pytest.approx((1.5, 0.5))
+    # Best over n: LA [2.5, 2.0], MAP [2.0, 1.5]: Δ [0.5, 0.5].
+    assert (la["delta_best_mean"], la["delta_best_std"]) == pytest.approx((0.5, 0.0))
+    assert la["ks"] == "1 2" and la["option"] == "default"
+    assert rows["MAP", "none"]["delta_last_mean"] == 0.0 and rows["MAP", "none"]["option"] == ""
+    study.write_markdown(tmp_path / "study.md", list(rows.values()), "small", [0, 1], 4)
+    assert "| default | LA | std | +1.750 ± 0.250 | +1.500 ± 0.500 |" in (tmp_path / "study.md").read_text()
+
+
+def test_runs_of_a_world_share_its_cached_stages(study, tmp_path):
+    """The first run's world, pairs, samples and gold scores move to the shared cache; later runs link them."""
+    shared = tmp_path / "shared"
+    first, second = tmp_path / "a" / "cache", tmp_path / "b" / "cache"
+    for name in (*study.SHARED_STAGES, "proxies", "scores/seed0-member0"):
+        (first / name).mkdir(parents=True)
+        (first / name / "done.json").write_text(name)
+    study.share_new_stages(first, shared)
+    for name in study.SHARED_STAGES:
+        assert (first / name).is_symlink() and (shared / name / "done.json").read_text() == name
+    assert not (first / "proxies").is_symlink() and not (shared / "proxies").exists()
+    assert not (first / "scores").is_symlink() and not (shared / "scores" / "seed0-member0").exists()
+    study.link_shared_stages(second, shared)
+    assert (second / "samples" / "done.json").read_text() == "samples"
+    assert (second / "scores" / "gold").is_symlink() and not (second / "proxies").exists()
