@@ -465,3 +465,7 @@ if __name__ == "__main__":
         with_default_config(sys.argv[1:], DEFAULT_CONFIG)
     )
     main(script_args, training_args, model_args)
+
+    from trl_bayes.distributed import shutdown  # a clean exit of every process
+
+    shutdown()

@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from transformers import GenerationConfig, GPTNeoXForCausalLM
 
 from trl_bayes.best_of_n import BestOfNSampler
+from trl_bayes.distributed import shutdown
 from trl_bayes.synthetic import build_tokenizer, tiny_gpt_neox_config
 
 PROMPTS = ["please list fruits : ", "name a few tools : ", "give me some colors : ", "list animals : ", "a few : "]
@@ -72,3 +73,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    shutdown()

@@ -17,6 +17,7 @@ from peft import LoraConfig
 from transformers import GPTNeoXForSequenceClassification
 
 from trl_bayes import BayesianRewardConfig, BayesianRewardTrainer
+from trl_bayes.distributed import shutdown
 from trl_bayes.synthetic import build_tokenizer, make_preference_dataset, tiny_gpt_neox_config
 
 
@@ -58,3 +59,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    shutdown()

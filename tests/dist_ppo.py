@@ -18,7 +18,7 @@ from datasets import Dataset
 from transformers import GPTNeoXForCausalLM, GPTNeoXForTokenClassification
 
 from trl_bayes import PPOConfig, PPOTrainer
-from trl_bayes.distributed import cpu_launch_defaults
+from trl_bayes.distributed import cpu_launch_defaults, shutdown
 from trl_bayes.synthetic import build_tokenizer, tiny_gpt_neox_config, world_prompts
 
 
@@ -71,3 +71,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    shutdown()

@@ -137,3 +137,15 @@ def whole_weights() -> Iterator[None]:
         yield
     finally:
         hf_deepspeed.set_hf_deepspeed_config(config)
+
+
+def shutdown() -> None:
+    """Destroy the process group, if any, before the interpreter exits (a script's last call).
+
+    Left to the interpreter's teardown, gloo's worker threads are sometimes destroyed while joinable and the process
+    aborts ("terminate called without an active exception", SIGABRT) after all its work is done: the launcher then
+    reports the run as failed. Seen on two CPU processes under load.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
