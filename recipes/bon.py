@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,10 +44,10 @@ from world_stages import (
     make_accelerator,
     normalize_lora_targets,
     recipe_parser,
+    run_script,
     sample_pairs,
     train_proxies,
     validation_prompts,
-    with_default_config,
     world_settings,
     write_csv,
     write_run_record,
@@ -815,11 +814,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = make_parser().parse_args_and_config(
-        with_default_config(sys.argv[1:], DEFAULT_CONFIG)
-    )
-    main(script_args, training_args, model_args)
-
-    from trl_bayes.distributed import shutdown  # a clean exit of every process
-
-    shutdown()
+    run_script(make_parser, main, DEFAULT_CONFIG)

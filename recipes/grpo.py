@@ -24,7 +24,6 @@ In your own TRL script the drop-in is two lines:
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -41,9 +40,9 @@ from world_stages import (
     make_accelerator,
     normalize_lora_targets,
     recipe_parser,
+    run_script,
     sample_pairs,
     train_proxies,
-    with_default_config,
     world_settings,
     write_csv,
     write_run_record,
@@ -335,11 +334,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = make_parser().parse_args_and_config(
-        with_default_config(sys.argv[1:], DEFAULT_CONFIG)
-    )
-    main(script_args, training_args, model_args)
-
-    from trl_bayes.distributed import shutdown  # a clean exit of every process
-
-    shutdown()
+    run_script(make_parser, main, DEFAULT_CONFIG)

@@ -41,12 +41,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from world_stages import check_output_dir, with_default_config
+from world_stages import check_output_dir, run_script
 
 RECIPE_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = RECIPE_DIR / "configs" / "reward.yaml"
@@ -483,12 +482,4 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
 
 if __name__ == "__main__":
-    parser = make_parser()
-    script_args, training_args, model_args = parser.parse_args_and_config(
-        with_default_config(sys.argv[1:], DEFAULT_CONFIG)
-    )
-    main(script_args, training_args, model_args)
-
-    from trl_bayes.distributed import shutdown  # a clean exit of every process
-
-    shutdown()
+    run_script(make_parser, main, DEFAULT_CONFIG)

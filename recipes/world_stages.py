@@ -610,6 +610,18 @@ def write_run_record(output_dir: Path, args) -> None:
     print((output_dir / "summary.md").read_text())
 
 
+def run_script(make_parser, main, default_config: Path, argv: list[str] | None = None) -> None:
+    """A recipe's entry point: parse `argv` (default `sys.argv[1:]`) with `--config <default_config>` unless a config is
+    given, run `main(script_args, training_args, model_args)`, then end every process cleanly (`shutdown`)."""
+    import sys
+
+    from trl_bayes.distributed import shutdown
+
+    args = with_default_config(sys.argv[1:] if argv is None else argv, default_config)
+    main(*make_parser().parse_args_and_config(args))
+    shutdown()
+
+
 def with_default_config(argv: list[str], default_config: Path) -> list[str]:
     """`argv` with `--config <default_config>` added when no config is given, so that a bare launch works."""
     args: list[str] = []

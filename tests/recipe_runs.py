@@ -28,5 +28,15 @@ def main_in_process(recipe: Path, *flags: str) -> None:
         module = importlib.import_module(recipe.stem)
     finally:
         sys.path.remove(str(RECIPES))
-    parser = module.make_parser()
-    module.main(*parser.parse_args_and_config(module.with_default_config(list(flags), module.DEFAULT_CONFIG)))
+    module.run_script(module.make_parser, module.main, module.DEFAULT_CONFIG, list(flags))
+
+
+def assert_fails_before_any_work(recipe: Path, tmp_path: Path, flags: list[str], message: str) -> None:
+    """Running `recipe` with `flags` raises an error naming `message`, before any stage wrote to the cache."""
+    import pytest
+
+    args = ["--output_dir", str(tmp_path / "x"), *flags] if "--output_dir" not in flags else flags
+    with pytest.raises((ValueError, OSError)) as error:
+        main_in_process(recipe, *args)
+    assert message in str(error.value)
+    assert not (tmp_path / "x" / "cache").exists()

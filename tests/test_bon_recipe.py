@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.recipe_runs import main_in_process, run_recipe
+from tests.recipe_runs import assert_fails_before_any_work, run_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "bon.py"
 PAPER_CONFIG = RECIPE.parent / "configs" / "bon_pythia_alpacafarm.yaml"
@@ -90,11 +91,7 @@ def test_offline_default_writes_results_and_resumes_from_cache(tmp_path):
     ],
 )
 def test_bad_configuration_fails_before_any_work(tmp_path, flags, message):
-    args = ["--output_dir", str(tmp_path / "x"), *flags] if "--output_dir" not in flags else flags
-    with pytest.raises((ValueError, OSError)) as error:
-        main_in_process(RECIPE, *args)
-    assert message in str(error.value)
-    assert not (tmp_path / "x" / "cache").exists()
+    assert_fails_before_any_work(RECIPE, tmp_path, flags, message)
 
 
 def test_bad_configuration_fails_fast_from_the_command_line(tmp_path):
@@ -170,8 +167,11 @@ def test_prompt_scaled_penalties_are_curves_of_their_own():
     from trl_bayes import penalized_reward
 
     bon = bon_module()
+    world_stages = sys.modules["world_stages"]  # imported by bon
     args = bon.make_parser().parse_args_and_config(
-        bon.with_default_config(["--penalty_scales", "absolute", "prompt", "--ks", "1", "2"], bon.DEFAULT_CONFIG)
+        world_stages.with_default_config(
+            ["--penalty_scales", "absolute", "prompt", "--ks", "1", "2"], bon.DEFAULT_CONFIG
+        )
     )[0]
     assert bon.penalty_labels(args) == ["std", "var", "std-prompt", "var-prompt"]
     assert ("LA", "var-prompt", 2.0) in bon.method_specs(args) and ("LA-Ens", "std-prompt", 1.0) in bon.method_specs(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.recipe_runs import main_in_process, run_recipe
+from tests.recipe_runs import assert_fails_before_any_work, run_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "ppo.py"
 PAPER_CONFIG = RECIPE.parent / "configs" / "ppo_pythia_alpacafarm.yaml"
@@ -73,11 +73,7 @@ def test_offline_smoke_run_writes_results_and_reruns_from_cache(tmp_path):
     ],
 )
 def test_bad_configuration_fails_before_any_work(tmp_path, flags, message):
-    args = ["--output_dir", str(tmp_path / "x"), *flags] if "--output_dir" not in flags else flags
-    with pytest.raises((ValueError, OSError)) as error:
-        main_in_process(RECIPE, *args)
-    assert message in str(error.value)
-    assert not (tmp_path / "x" / "cache").exists()
+    assert_fails_before_any_work(RECIPE, tmp_path, flags, message)
 
 
 def test_paper_config_parses_into_the_paper_plan(tmp_path):

@@ -50,7 +50,9 @@ def refit_one_process(out) -> dict[str, torch.Tensor]:
     from trl_bayes import BayesianRewardModel, BayesianRewardTrainer
     from trl_bayes.laplace_lora import laplace_tensors
 
-    argv = recipe.with_default_config(["--output_dir", str(out / "refit"), *REWARD], recipe.DEFAULT_CONFIG)
+    argv = sys.modules["world_stages"].with_default_config(
+        ["--output_dir", str(out / "refit"), *REWARD], recipe.DEFAULT_CONFIG
+    )
     script_args, training_args, _ = recipe.make_parser().parse_args_and_config(argv)
     train, _, _ = recipe.load_preference_splits(script_args, training_args.seed)
     saved = BayesianRewardModel.from_pretrained(out)

@@ -665,9 +665,10 @@ class PenalizedReward:
             marginal = None
         means = torch.stack([mean for mean, _ in outputs])
         variances = torch.stack([var for _, var in outputs]) if self.needs_variance else None
-        keys = [prompt_key(p) for p in prompts]
-        index: dict[str, int] = {}
-        groups = torch.tensor([index.setdefault(key, len(index)) for key in keys]) if self.scale == "prompt" else None
+        groups = None
+        if self.scale == "prompt":  # integer group of each response: equal prompts share one
+            index: dict[str, int] = {}
+            groups = torch.tensor([index.setdefault(prompt_key(p), len(index)) for p in prompts])
         reward = penalized_reward(means, variances, self.penalty, self.k, self.scale, groups)
         parts = {"reward": reward, "means": means}
         if variances is not None:
