@@ -9,6 +9,7 @@ labelled by the gold reward, and the proxies (LoRA reward models with their Lapl
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import shutil
@@ -474,12 +475,36 @@ def sample_pairs(args, train_prompts, eval_prompts, policy_path, gold, cache, ac
     return Dataset.from_dict(train.to_dict()), Dataset.from_dict(held_out.to_dict())
 
 
+def map_key(args, training_args, model_args) -> dict[str, Any]:
+    """What decides a proxy's MAP weights (not its posterior): proxies that differ only in their posterior options
+    share one trained adapter (`maps` stage)."""
+    keys = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "max_length")
+    key = {
+        "world": world_settings(args),
+        "pairs": [args.num_train_pairs, args.label_noise],
+        "model": model_args.model_name_or_path,
+        "lora": [model_args.lora_r, model_args.lora_alpha, model_args.lora_target_modules],
+        **{k: str(getattr(training_args, k)) for k in keys},
+    }
+    if training_args.optimize_prior_precision == "gridsearch":
+        key["held_out_of_training"] = training_args.posterior_val_fraction  # the grid search's pairs
+    return key
+
+
 def proxy_key(args, training_args, model_args) -> dict[str, Any]:
     keys = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "hessian_structure",
             "subset_of_weights", "kfac_approx", "prior_precision", "optimize_prior_precision", "max_length")  # fmt: skip
     # Fields added later enter the key only when not at their default, so that proxies cached before stay valid.
-    later = {"curvature": "ggn"}
+    later = {
+        "curvature": "ggn",
+        "prior_precision_steps": 100,
+        "prior_precision_grid": [10 ** (i / 4) for i in range(-16, 17)],  # BayesianRewardConfig's default grid
+        "posterior_val_fraction": 0.1,
+    }
     extra = {k: str(getattr(training_args, k)) for k, default in later.items() if getattr(training_args, k) != default}
+    if training_args.optimize_prior_precision == "gridsearch":
+        # Since the grid search's pairs leave MAP training too, proxies cached before that are stale.
+        extra["gridsearch_pairs"] = "held out of training"
     return {
         "world": world_settings(args),
         "pairs": [args.num_train_pairs, args.label_noise],
@@ -490,8 +515,23 @@ def proxy_key(args, training_args, model_args) -> dict[str, Any]:
     }
 
 
-def train_proxy(member_dir: Path, seed: int, pairs, policy_path, args, training_args, model_args, state) -> None:
-    """One LoRA reward model (MAP) and its Laplace posterior, saved to `member_dir`."""
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def train_proxy(
+    member_dir: Path,
+    seed: int,
+    pairs,
+    policy_path,
+    args,
+    training_args,
+    model_args,
+    state,
+    map_dir: Path | None = None,
+) -> None:
+    """One LoRA reward model (MAP) and its Laplace posterior, saved to `member_dir`. With `map_dir` (an adapter this
+    member's MAP training already produced, under other posterior options), only the posterior is fitted."""
+    from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
     from trl import get_peft_config
 
@@ -514,10 +554,13 @@ def train_proxy(member_dir: Path, seed: int, pairs, policy_path, args, training_
     # the DeepSpeed plugin after the world's trainers and samplers had theirs.
     member_args = replace(training_args, output_dir=str(member_dir), seed=seed, data_seed=seed)
     peft_config = get_peft_config(model_args)
+    if map_dir is not None:
+        model, peft_config = PeftModel.from_pretrained(model, str(map_dir), is_trainable=True), None
     trainer = BayesianRewardTrainer(
         model=model, args=member_args, train_dataset=pairs, processing_class=tokenizer, peft_config=peft_config
     )
-    trainer.train()
+    if map_dir is None:
+        trainer.train()
     if trainer.posterior is None:
         trainer.fit_posterior()
     trainer.save_model(str(member_dir))
@@ -568,14 +611,27 @@ def train_proxies(args, training_args, model_args, pairs, policy_path, cache, st
         stage = Stage(
             cache / "proxies", f"seed{s}-member{j}", {**proxy_key(args, training_args, model_args), "seed": seed}
         )
+        # The MAP adapter is kept apart too: a run that changes only the posterior options (the uncertainty study)
+        # fits its posterior on it instead of training the same MAP again.
+        # Named by a digest of its key: MAPs trained on other data (a grid search's held-out pairs) live side by side.
+        key = {**map_key(args, training_args, model_args), "seed": seed}
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        trained = Stage(cache / "maps", f"seed{s}-member{j}-{digest}", key)
         if not stage.done:
             if state.is_main_process:
                 stage.start()
             state.wait_for_everyone()
-            train_proxy(stage.path, seed, pairs, policy_path, args, training_args, model_args, state)
+            map_dir = trained.path if trained.done else None
+            train_proxy(stage.path, seed, pairs, policy_path, args, training_args, model_args, state, map_dir)
             if state.is_main_process:
                 stage.finish()
             state.wait_for_everyone()
+        if not trained.done and state.is_main_process:
+            trained.start()
+            for name in ADAPTER_FILES:
+                shutil.copy2(stage.path / name, trained.path / name)
+            trained.finish()
+        state.wait_for_everyone()
         members[s, j] = stage.path
     return members
 

@@ -194,3 +194,56 @@ def test_prompt_scaled_penalties_are_curves_of_their_own():
                                bon.method_scores("LA-Ens", "var-prompt", 1.0, members)[0])  # fmt: skip
     absolute, _ = bon.method_scores("LA", "std", 2.0, members)
     np.testing.assert_allclose(absolute, members[0]["mean"] - 2.0 * np.sqrt(members[0]["var"]))
+
+
+def test_a_run_with_other_posterior_options_fits_on_the_cached_map(tmp_path, monkeypatch):
+    """Proxies that differ only in their posterior options share one trained MAP adapter (`cache/maps`): a second run
+    with a diagonal posterior trains nothing, fits on the same adapter; a grid search, whose pairs leave training,
+    trains its own MAP."""
+    from tests.recipe_runs import main_in_process
+    from trl_bayes import BayesianRewardTrainer
+
+    calls = []
+    train = BayesianRewardTrainer.train
+    monkeypatch.setattr(BayesianRewardTrainer, "train", lambda self, *a, **k: calls.append(1) or train(self, *a, **k))
+    flags = [*TINY, "--seeds", "0", "--ensemble_size", "1", "--methods", "MAP", "LA", "--disable_tqdm", "true"]
+    member = Path("cache") / "proxies" / "seed0-member0"
+    adapter = lambda run: (tmp_path / run / member / "adapter_model.safetensors").read_bytes()  # noqa: E731
+    structure = lambda run: json.loads((tmp_path / run / member / "laplace_config.json").read_text())  # noqa: E731
+    main_in_process(RECIPE, *flags, "--output_dir", str(tmp_path / "kron"))
+    assert len(calls) == 1 and structure("kron")["hessian_structure"] == "kron"
+    # The study's runs share one `maps` folder (scripts/study_uncertainty.py links it); so do these two.
+    (tmp_path / "diag" / "cache").mkdir(parents=True)
+    (tmp_path / "diag" / "cache" / "maps").symlink_to(tmp_path / "kron" / "cache" / "maps")
+    main_in_process(RECIPE, *flags, "--output_dir", str(tmp_path / "diag"), "--hessian_structure", "diag")
+    assert len(calls) == 1, "the diagonal posterior's run trained the MAP again"
+    assert structure("diag")["hessian_structure"] == "diag" and adapter("diag") == adapter("kron")
+    main_in_process(RECIPE, *flags, "--output_dir", str(tmp_path / "kron"), "--optimize_prior_precision", "gridsearch")
+    assert len(calls) == 2 and adapter("kron") != adapter("diag")
+    assert len(list((tmp_path / "kron" / "cache" / "maps").iterdir())) == 2
+
+
+def test_proxy_cache_keys_at_default_settings_keep_their_format():
+    """Fields added to the proxies' cache key later enter it only when set away from their default, so that proxies
+    cached before stay valid; set, they change the key (a grid search's also changes its MAP's key)."""
+    bon = bon_module()
+    world_stages = sys.modules["world_stages"]
+
+    def keys(*flags):
+        parser = bon.make_parser()
+        args, training_args, model_args = parser.parse_args_and_config(
+            world_stages.with_default_config(list(flags), bon.DEFAULT_CONFIG)
+        )[:3]
+        return (world_stages.proxy_key(args, training_args, model_args),
+                world_stages.map_key(args, training_args, model_args))  # fmt: skip
+
+    proxy, trained = keys()
+    assert set(proxy) == {"world", "pairs", "model", "lora", "learning_rate", "num_train_epochs",
+                          "per_device_train_batch_size", "hessian_structure", "subset_of_weights", "kfac_approx",
+                          "prior_precision", "optimize_prior_precision", "max_length"}  # fmt: skip
+    for flags, field in ((["--curvature", "ef"], "curvature"), (["--prior_precision_steps", "7"], "prior_precision_steps"),
+                         (["--posterior_val_fraction", "0.2"], "posterior_val_fraction")):  # fmt: skip
+        changed, same_map = keys(*flags)
+        assert field in changed and same_map == trained
+    changed, other_map = keys("--optimize_prior_precision", "gridsearch")
+    assert changed["gridsearch_pairs"] and other_map != trained

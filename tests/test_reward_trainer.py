@@ -178,8 +178,19 @@ def test_gridsearch_picks_the_grid_value_with_lowest_heldout_nll(tokenizer, tmp_
         prior_precision_grid=grid,
         posterior_val_fraction=0.25,
     )
+    # The 5 held-out pairs leave training too, not only the fit: the MAP never sees the pairs that pick its prior.
+    assert len(trainer.train_dataset) == 15 and len(trainer.eval_dataset) == 5
+    train_pairs = {
+        (tuple(c), tuple(r))
+        for c, r in zip(trainer.train_dataset["chosen_ids"], trainer.train_dataset["rejected_ids"], strict=True)
+    }
+    held_out = {
+        (tuple(c), tuple(r))
+        for c, r in zip(trainer.eval_dataset["chosen_ids"], trainer.eval_dataset["rejected_ids"], strict=True)
+    }
+    assert not train_pairs & held_out
     posterior = trainer.fit_posterior()
-    assert posterior.laplace.n_data == 15  # 5 of the 20 pairs held out
+    assert posterior.laplace.n_data == 15
     assert any(posterior.prior_precision == pytest.approx(g, rel=1e-6) for g in grid)
 
 

@@ -53,7 +53,8 @@ class BayesianRewardConfig(RewardConfig):
         prior_precision_grid (`list[float]`, *optional*, defaults to `[1e-4, ..., 1e4]`):
             Values tried by `"gridsearch"` (log-spaced, 33 values by default).
         posterior_val_fraction (`float`, *optional*, defaults to `0.1`):
-            Fraction of the training pairs held out for `"gridsearch"` when no `eval_dataset` is given.
+            Fraction of the training pairs held out for `"gridsearch"` when no `eval_dataset` is given. They are
+            held out before training, so the MAP never sees the pairs that choose its prior precision.
 
         > Parameters that control the fit
 
@@ -112,7 +113,10 @@ class BayesianRewardConfig(RewardConfig):
     )
     posterior_val_fraction: float = field(
         default=0.1,
-        metadata={"help": "Fraction of training pairs held out for 'gridsearch' when no eval_dataset is given."},
+        metadata={
+            "help": "Fraction of training pairs held out (of MAP training and the fit) for 'gridsearch' when no "
+            "eval_dataset is given."
+        },
     )
     posterior_batch_size: int = field(default=8, metadata={"help": "Pairs per curvature batch in the posterior fit."})
     laplace_backend: bool = field(

@@ -96,6 +96,18 @@ class BayesianRewardTrainer(RewardTrainer):
                 "The tokenizer has neither a pad token nor an EOS token: set `tokenizer.pad_token = ...` or pass "
                 "`BayesianRewardConfig(pad_token=...)`."
             )
+        if (
+            args.optimize_prior_precision == PriorPrecisionMethod.GRIDSEARCH
+            and kwargs.get("eval_dataset") is None
+            and isinstance(train_dataset, Dataset)
+        ):
+            # The grid search must score pairs the MAP never saw: hold them out of training, not only of the fit
+            # (pairs the model was trained on look better calibrated than new ones and push the prior the wrong way).
+            kept, held_out = split_validation_pairs(
+                list(range(len(train_dataset))), args.posterior_val_fraction, args.seed
+            )
+            kwargs["eval_dataset"] = train_dataset.select(held_out)
+            train_dataset = train_dataset.select(kept)
         super().__init__(
             model,
             args=args,
@@ -235,7 +247,8 @@ class BayesianRewardTrainer(RewardTrainer):
         return self.posterior
 
     def _gridsearch_split(self, pairs: list) -> tuple[list, list]:
-        """Held-out pairs for the prior grid search: `eval_dataset` if given, else a seeded fraction of `pairs`."""
+        """Held-out pairs for the prior grid search: `eval_dataset` (given, or held out of `train_dataset` before
+        training), else a seeded fraction of `pairs` (an iterable training set, or an explicit `fit_posterior` set)."""
         if isinstance(self.eval_dataset, dict):
             raise ValueError(
                 "optimize_prior_precision='gridsearch' needs one held-out set, but `eval_dataset` is a dict of "
