@@ -13,17 +13,21 @@ seeds, with paired differences to MAP (same seed):
   penalty (std, var), its scale (k absolute, or relative to each prompt's spreads) and the variance (marginal `LA`,
   relative `LA-rel`), each with k chosen per seed on validation prompts that are never reported.
 
-Every run of a world shares that world's cached stages (world + SFT policy, preference pairs, Best-of-N samples, gold
-scores): they live once under `<output_dir>/shared/<world>/` and each run's cache links to them; only the proxies and
-their scores are per run. A killed study resumes: finished runs are skipped, bon.py resumes the others.
+The `default` option's run trains each seed's ensemble (MAP, LA, LA-rel, Ens, LA-Ens, LA-Ens-rel); the other options' runs train
+one proxy per seed (MAP, LA, LA-rel), the only proxy whose posterior they change.
+
+Every run of a world and backbone shares their cached stages (world + SFT policy, preference pairs, Best-of-N
+samples, gold scores): they live once under `<output_dir>/shared/<world>/<backbone>/` and each run's cache links to
+them; only the proxies and their scores are per run. A killed study resumes: finished runs are skipped, bon.py resumes
+the others.
 
     python scripts/study_uncertainty.py --scale small                     # minutes: 2 seeds, 16 prompts x 64 samples
-    python scripts/study_uncertainty.py                                   # the study: 5 seeds, 64 prompts x 512
+    python scripts/study_uncertainty.py                                   # the study: 5 seeds (see SCALES)
     python scripts/study_uncertainty.py --scale small --backbones sft --options default head   # a subset
     python scripts/study_uncertainty.py --dry_run                         # print the runs only
 
-Writes `<output_dir>/study.csv`, `study.md`, `study.png` (every finished run of the folder, so a study run in parts
-ends with one table) and `runs.json` (each run's flags and wall time).
+Writes `<output_dir>/study.csv`, `study.md`, `study.png`, `study_diagnostics.csv` (every finished run of the folder,
+so a study run in parts ends with one table) and `runs.json` (each run's flags and wall time).
 """
 
 from __future__ import annotations
@@ -53,32 +57,46 @@ OPTIONS = {
     "diag": ["--hessian_structure", "diag"],
     "gridsearch": ["--optimize_prior_precision", "gridsearch"],
 }
-METHODS = ["MAP", "LA", "LA-rel", "Ens", "LA-Ens"]
-COMMON = ["--methods", *METHODS, "--penalties", "std", "var", "--penalty_scales", "absolute", "prompt"]
+METHODS = ["MAP", "LA", "LA-rel", "Ens", "LA-Ens", "LA-Ens-rel"]
+COMMON = ["--penalties", "std", "var", "--penalty_scales", "absolute", "prompt"]
+# The `default` option's run trains each seed's ensemble (Ens, LA-Ens); every other option only changes the posterior
+# of member 0, so its run trains one proxy per seed (MAP, LA, LA-rel): the study's cost is in scoring every proxy.
+OPTION_FLAGS = {True: ["--methods", *METHODS], False: ["--methods", "MAP", "LA", "LA-rel", "--ensemble_size", "1"]}
+SMALL = ["--num_eval_prompts", "16", "--num_validation_prompts", "8", "--num_samples", "64", "--num_train_pairs", "300",
+         "--num_eval_pairs", "128", "--ensemble_size", "2"]  # fmt: skip
 SCALES = {
     # Minutes on 2 CPU cores: proves the pipeline, says nothing.
-    "small": {
-        "seeds": [0, 1],
-        "flags": [
-            "--num_eval_prompts",
-            "16",
-            "--num_validation_prompts",
-            "8",
-            "--num_samples",
-            "64",
-            "--num_train_pairs",
-            "300",
-            "--num_eval_pairs",
-            "128",
-            "--ensemble_size",
-            "2",
-        ],
+    "small": {"seeds": [0, 1], "flags": {"sft": SMALL, "minilm": SMALL}},
+    # The study, 5 seeds. The tiny backbone at bon.yaml's scale (64 reported prompts x 512 samples, 1000 pairs, 4
+    # members per ensemble). MiniLM's proxies cost about 10x more per response on CPU (a 22M-weight BERT; the variance
+    # needs its Jacobian for every response), so its world is smaller, fixed before any penalty was evaluated on it:
+    # 32 reported + 8 validation prompts x 64 samples, 250 pairs, 2 members per ensemble, chosen for cost; then the
+    # learning rate (3e-3 over 1e-3 at 3 epochs, and 1e-3 at 10 epochs) by the MAP's held-out pair NLL (0.62 against
+    # 0.68 and 0.81-0.94, seeds 0-1), and MAP overoptimizes there (gold 2.24 / 2.27 at n=8, 1.91 / 2.11 at n=64).
+    "default": {
+        "seeds": [0, 1, 2, 3, 4],
+        "flags": {
+            "sft": [],
+            "minilm": [
+                "--num_eval_prompts",
+                "32",
+                "--num_validation_prompts",
+                "8",
+                "--num_samples",
+                "64",
+                "--num_train_pairs",
+                "250",
+                "--learning_rate",
+                "3e-3",
+                "--ensemble_size",
+                "2",
+            ],
+        },
     },  # fmt: skip
-    # The study: bon.yaml's scale (64 prompts x 512 samples, 1000 pairs, 4 members per ensemble), 5 seeds.
-    "default": {"seeds": [0, 1, 2, 3, 4], "flags": []},
 }
-# Stages a world's runs share (bon.py's cache folders that depend on neither the proxy backbone nor the posterior).
-SHARED_STAGES = ("world", "pairs", "samples", "scores/gold")
+# Stages a world's runs share (bon.py's cache folders that do not depend on the posterior).
+# `maps`: the trained MAP adapters, on which the other options' runs fit their posteriors instead of training again.
+SHARED_STAGES = ("world", "pairs", "samples", "scores/gold", "maps")
 
 
 def link_shared_stages(run_cache: Path, shared_cache: Path) -> None:
@@ -173,7 +191,36 @@ def table_rows(results, seeds) -> list[dict]:
     return rows
 
 
-def write_markdown(path: Path, rows: list[dict], scale: str, seeds: list[int], n_max: int) -> None:
+def diagnostics_rows(finished: dict) -> list[dict]:
+    """Does each run's uncertainty flag the exploit? Per (world, backbone, option, uncertainty), mean over seeds of
+    member 0's: within-prompt correlation of the std with the proxy's error over all samples (`corr_all`) and among
+    each prompt's top 1/8 by the proxy (`corr_top`, the samples Best-of-8 and beyond pick from), and, for the class the
+    proxy overrates most (its largest mean error), that error and the class's std z-scored within each prompt
+    (`bon_classes.csv`: > 0 means the penalty hits it harder than the prompt's typical sample)."""
+    import numpy as np
+
+    rows = []
+    for (world, backbone, option), run_dir in finished.items():
+        along = read_csv(run_dir / "bon_diagnostics.csv")
+        classes = [r for r in read_csv(run_dir / "bon_classes.csv") if r["class"] != "typical"]
+        error = {}
+        for r in classes:
+            error.setdefault(r["class"], []).append(float(r["mean_error"]))
+        worst = max(error, key=lambda c: np.nanmean(error[c]))
+        for uncertainty in dict.fromkeys(r["uncertainty"] for r in along):
+            within = {}
+            for r in along:
+                if r["uncertainty"] == uncertainty:
+                    within.setdefault(int(r["n"]), []).append(float(r["corr_std_error_within"]))
+            z = [float(r["mean_z_std"]) for r in classes if (r["class"], r["uncertainty"]) == (worst, uncertainty)]
+            rows.append({"world": world, "backbone": backbone, "option": option, "uncertainty": uncertainty,
+                         "corr_all": float(np.nanmean(within[1])), "corr_top": float(np.nanmean(within[8])),
+                         "most_overrated": worst, "its_error": float(np.nanmean(error[worst])),
+                         "its_z_std": float(np.nanmean(z))})  # fmt: skip
+    return rows
+
+
+def write_markdown(path: Path, rows: list[dict], scale: str, seeds: list[int], n_max: int, diagnostics=()) -> None:
     lines = [
         f"# Uncertainty study ({scale} scale, seeds {seeds})",
         "",
@@ -191,6 +238,18 @@ def write_markdown(path: Path, rows: list[dict], scale: str, seeds: list[int], n
             if (r["world"], r["backbone"]) == (world, backbone):
                 lines.append(f"| {r['option']} | {r['method']} | {r['penalty']} | {f(r, 'gold_last')} | "
                              f"{f(r, 'delta_last')} | {f(r, 'gold_best')} | {f(r, 'delta_best')} | {r['ks']} |")  # fmt: skip
+    if diagnostics:
+        lines += ["", "## Does the uncertainty flag the exploit? (member 0 of each seed, mean over seeds)", "",
+                  "`corr all` / `corr top 1/8`: within-prompt correlation of the std with the proxy's error z(proxy) - "
+                  "z(gold), over all samples / among each prompt's top 1/8 by the proxy. Last columns: the class of "
+                  "responses the proxy overrates most, its mean error, and its std z-scored within its prompt (> 0: "
+                  "penalized more than the prompt's typical sample).", "",
+                  "| world | backbone | option | uncertainty | corr all | corr top 1/8 | most overrated | its error | "
+                  "its z-std |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for d in diagnostics:
+            lines.append(f"| {d['world']} | {d['backbone']} | {d['option']} | {d['uncertainty']} | {d['corr_all']:+.3f} "
+                         f"| {d['corr_top']:+.3f} | {d['most_overrated']} | {d['its_error']:+.3f} | "
+                         f"{d['its_z_std']:+.3f} |")  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -233,12 +292,13 @@ def main(argv: list[str] | None = None) -> None:
     scale = SCALES[args.scale]
     seeds = args.seeds or scale["seeds"]
     output_dir = Path(args.output_dir or f"outputs/study-{args.scale}").resolve()
-    plan = [(w, b, o) for w in args.worlds for b in args.backbones for o in args.options]
+    plan = [(w, b, o) for b in args.backbones for w in args.worlds for o in args.options]
     runs = {}
     for world, backbone, option in plan:
         run_dir = output_dir / "runs" / world / backbone / option
         flags = ["--config", str(CONFIGS[backbone]), "--world", world, "--output_dir", str(run_dir),
-                 "--seeds", *map(str, seeds), *COMMON, *scale["flags"], *OPTIONS[option]]  # fmt: skip
+                 "--seeds", *map(str, seeds), *COMMON, *scale["flags"][backbone], *OPTION_FLAGS[option == "default"],
+                 *OPTIONS[option]]  # fmt: skip
         runs[world, backbone, option] = (run_dir, flags)
     if args.dry_run:
         for _run_dir, flags in runs.values():
@@ -249,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     for (world, backbone, option), (run_dir, flags) in runs.items():
         print(f"[study] {world} / {backbone} / {option}", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        seconds = run_bon(run_dir, flags, output_dir / "shared" / world)
+        # A world's runs share its stages per backbone: the backbones' scales differ, and so do their samples.
+        seconds = run_bon(run_dir, flags, output_dir / "shared" / world / backbone)
         key = f"{world}/{backbone}/{option}"
         if seconds or key not in record:
             record[key] = {"flags": flags, "seconds": seconds}
@@ -272,7 +333,12 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    write_markdown(output_dir / "study.md", rows, args.scale, seeds, n_max)
+    diagnostics = diagnostics_rows(finished)
+    with (output_dir / "study_diagnostics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(diagnostics[0]))
+        writer.writeheader()
+        writer.writerows(diagnostics)
+    write_markdown(output_dir / "study.md", rows, args.scale, seeds, n_max, diagnostics)
     plot(output_dir / "study.png", rows, n_max)
     total = sum(r["seconds"] for r in record.values())
     print((output_dir / "study.md").read_text())

@@ -78,3 +78,34 @@ def test_runs_of_a_world_share_its_cached_stages(study, tmp_path):
     study.link_shared_stages(second, shared)
     assert (second / "samples" / "done.json").read_text() == "samples"
     assert (second / "scores" / "gold").is_symlink() and not (second / "proxies").exists()
+
+
+def test_diagnostics_name_the_most_overrated_class_and_average_over_seeds(study, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with (run / "bon_diagnostics.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["seed", "uncertainty", "n", "corr_std_error_within"])
+        for seed, marginal in ((0, [0.1, 0.3]), (1, [0.3, "nan"])):  # a NaN (too few samples) is left out
+            for n, value in zip((1, 8), marginal, strict=True):
+                writer.writerow([seed, "marginal", n, value])
+                writer.writerow([seed, "relative", n, -0.5])
+    with (run / "bon_classes.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["seed", "uncertainty", "class", "mean_z_std", "mean_error"])
+        for seed in (0, 1):
+            for uncertainty, z in (("marginal", -0.2 - seed), ("relative", 0.4)):
+                writer.writerow([seed, uncertainty, "repetition", z, 1.5])
+                writer.writerow([seed, uncertainty, "short", 2.0, -0.1])
+                writer.writerow([seed, uncertainty, "typical", 0.0, 9.0])  # typical never counts as an exploit
+    rows = study.diagnostics_rows({("lists", "sft", "default"): run})
+    marginal, relative = rows
+    assert marginal["uncertainty"] == "marginal" and marginal["most_overrated"] == "repetition"
+    assert (marginal["corr_all"], marginal["corr_top"]) == pytest.approx((0.2, 0.3))
+    assert (marginal["its_error"], marginal["its_z_std"]) == pytest.approx((1.5, -0.7))
+    assert (relative["corr_all"], relative["its_z_std"]) == pytest.approx((-0.5, 0.4))
+    study.write_markdown(tmp_path / "study.md", [], "small", [0, 1], 4, rows)
+    assert (
+        "| lists | sft | default | marginal | +0.200 | +0.300 | repetition | +1.500 | -0.700 |"
+        in (tmp_path / "study.md").read_text()
+    )
