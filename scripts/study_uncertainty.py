@@ -94,6 +94,8 @@ SCALES = {
         },
     },  # fmt: skip
 }
+# Options whose runs train their own MAP (the grid search's pairs are held out of its training).
+OWN_MAP = ("gridsearch",)
 # Stages a world's runs share (bon.py's cache folders that do not depend on the posterior).
 # `maps`: the trained MAP adapters, on which the other options' runs fit their posteriors instead of training again.
 SHARED_STAGES = ("world", "pairs", "samples", "scores/gold", "maps")
@@ -138,9 +140,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def run_results(run_dir: Path, seeds: list[int]) -> dict[tuple[str, str], dict[str, list[float]]]:
-    """Per (method, penalty): per seed, gold at the largest n and the best gold over n, with LA-type methods at the k
-    each seed chose on its validation prompts (`k_selection.csv`), and the k's."""
+def run_results(run_dir: Path, seeds: list[int]) -> dict[tuple[str, str], dict]:
+    """Per (method, penalty): per seed, gold at the largest n (`n_max`) and the best gold over n, with LA-type methods
+    at the k each seed chose on its validation prompts (`k_selection.csv`), and the k's."""
     rows = read_csv(run_dir / "bon_results.csv")
     chosen = {(r["seed"], r["method"], r["penalty"]): r["k"] for r in read_csv(run_dir / "k_selection.csv")
               if r["chosen"] == "True"}  # fmt: skip
@@ -148,9 +150,9 @@ def run_results(run_dir: Path, seeds: list[int]) -> dict[tuple[str, str], dict[s
     curves: dict[tuple[str, str, str, str], dict[int, float]] = {}
     for r in rows:
         curves.setdefault((r["method"], r["penalty"], r["k"], r["seed"]), {})[int(r["n"])] = float(r["gold_reward"])
-    out: dict[tuple[str, str], dict[str, list[float]]] = {}
+    out: dict[tuple[str, str], dict] = {}
     for method, penalty in dict.fromkeys((r["method"], r["penalty"]) for r in rows):
-        entry: dict[str, list[float]] = {"last": [], "best": [], "k": []}
+        entry: dict = {"last": [], "best": [], "k": [], "n_max": n_max}
         for seed in map(str, seeds):
             k = chosen.get((seed, method, penalty), "0.0")
             curve = curves[method, penalty, k, seed]
@@ -170,18 +172,26 @@ def mean_std(values) -> tuple[float, float]:
 
 def table_rows(results, seeds) -> list[dict]:
     """One row per (world, backbone, option, method, penalty); MAP and Ens once per (world, backbone), from the
-    `default` option's run (the other runs train the same MAP members)."""
+    `default` option's run (the other runs fit on the same MAP members), except the MAP of an option that trains its
+    own (`gridsearch`: its held-out pairs leave training)."""
     import numpy as np
 
     rows = []
     for (world, backbone, option), per_method in results.items():
         map_ = per_method["MAP", "none"]
         for (method, penalty), entry in per_method.items():
-            if method in ("MAP", "Ens") and option != "default" and (world, backbone, "default") in results:
+            own_map = method == "MAP" and option in OWN_MAP
+            if (
+                method in ("MAP", "Ens")
+                and option != "default"
+                and (world, backbone, "default") in results
+                and not own_map
+            ):
                 continue
             delta_last = np.subtract(entry["last"], map_["last"])
             delta_best = np.subtract(entry["best"], map_["best"])
-            row = {"world": world, "backbone": backbone, "option": option if method not in ("MAP", "Ens") else "",
+            row = {"world": world, "backbone": backbone, "n_max": entry["n_max"],
+                   "option": option if method not in ("MAP", "Ens") or own_map else "",
                    "method": method, "penalty": penalty, "seeds": len(seeds),
                    "ks": " ".join(f"{k:g}" for k in entry["k"]) if method not in ("MAP", "Ens") else ""}  # fmt: skip
             for name, values in (("gold_last", entry["last"]), ("gold_best", entry["best"]),
@@ -220,19 +230,28 @@ def diagnostics_rows(finished: dict) -> list[dict]:
     return rows
 
 
-def write_markdown(path: Path, rows: list[dict], scale: str, seeds: list[int], n_max: int, diagnostics=()) -> None:
+def write_markdown(path: Path, rows: list[dict], scale: str, seeds: list[int], diagnostics=()) -> None:
     lines = [
         f"# Uncertainty study ({scale} scale, seeds {seeds})",
         "",
-        f"Gold reward at n = {n_max} and at the best n (mean ± std over seeds); Δ = paired difference to MAP (same "
-        "seed). LA-type rows: k chosen per seed on validation prompts (never reported; the picked k per seed in the "
-        "last column). Penalty `std-prompt` / `var-prompt`: k relative to each prompt's spreads. `LA-rel`: the "
-        "relative variance. MAP and Ens are the same for every option.",
+        "Gold reward at the largest n and at the best n (mean ± std over seeds); Δ = paired difference to MAP (same "
+        "seed, same run). LA-type rows: k chosen per seed on validation prompts (never reported; the picked k per seed "
+        "in the last column). Penalty `std-prompt` / `var-prompt`: k relative to each prompt's spreads. `LA-rel`: the "
+        "relative variance. MAP and Ens are the same for every option but `gridsearch`, whose MAP trains without the "
+        "grid search's held-out pairs.",
     ]
     f = lambda r, name: f"{r[name + '_mean']:+.3f} ± {r[name + '_std']:.3f}"  # noqa: E731
-    for world, backbone in dict.fromkeys((r["world"], r["backbone"]) for r in rows):
-        lines += ["", f"## world `{world}`, proxy backbone `{backbone}`", "",
-                  f"| option | method | penalty | gold at n={n_max} | Δ at n={n_max} | best gold | Δ best | k per seed |",
+    panels = list(dict.fromkeys((r["world"], r["backbone"], r["n_max"]) for r in rows))
+    lines += ["", "## Overview: Δ gold at the largest n, against MAP", "",
+              "| option | method | penalty | " + " | ".join(f"{w} / {b} (n={n})" for w, b, n in panels) + " |",
+              "|---|---|---|" + "---|" * len(panels)]  # fmt: skip
+    cells = {(r["option"], r["method"], r["penalty"], r["world"], r["backbone"]): f(r, "delta_last") for r in rows}
+    for option, method, penalty in dict.fromkeys((r["option"], r["method"], r["penalty"]) for r in rows):
+        values = [cells.get((option, method, penalty, w, b), "") for w, b, _ in panels]
+        lines.append(f"| {option} | {method} | {penalty} | " + " | ".join(values) + " |")
+    for world, backbone, n_max in panels:
+        lines += ["", f"## world `{world}`, proxy backbone `{backbone}` (largest n = {n_max})", "",
+                  "| option | method | penalty | gold at largest n | Δ at largest n | best gold | Δ best | k per seed |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in rows:
             if (r["world"], r["backbone"]) == (world, backbone):
@@ -253,7 +272,7 @@ def write_markdown(path: Path, rows: list[dict], scale: str, seeds: list[int], n
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(path: Path, rows: list[dict], n_max: int) -> None:
+def plot(path: Path, rows: list[dict]) -> None:
     """Δ gold vs MAP at the largest n for each LA variant, one panel per world x backbone."""
     import matplotlib
 
@@ -272,6 +291,7 @@ def plot(path: Path, rows: list[dict], n_max: int) -> None:
         ax.set_yticks(range(len(mine)))
         ax.set_yticklabels(labels, fontsize=7)
         ax.axvline(0, color="gray", lw=0.8)
+        n_max = mine[0]["n_max"] if mine else "max"
         ax.set_title(f"world {world}, backbone {backbone}\ngold at n={n_max} minus MAP's (mean ± std over seeds)")
         ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
@@ -328,7 +348,6 @@ def main(argv: list[str] | None = None) -> None:
                     finished[world, backbone, option] = run_dir
     results = {key: run_results(run_dir, seeds) for key, run_dir in finished.items()}
     rows = table_rows(results, seeds)
-    n_max = max(int(r["n"]) for r in read_csv(next(iter(runs.values()))[0] / "bon_results.csv"))
     with (output_dir / "study.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -338,8 +357,8 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(f, fieldnames=list(diagnostics[0]))
         writer.writeheader()
         writer.writerows(diagnostics)
-    write_markdown(output_dir / "study.md", rows, args.scale, seeds, n_max, diagnostics)
-    plot(output_dir / "study.png", rows, n_max)
+    write_markdown(output_dir / "study.md", rows, args.scale, seeds, diagnostics)
+    plot(output_dir / "study.png", rows)
     total = sum(r["seconds"] for r in record.values())
     print((output_dir / "study.md").read_text())
     print(f"[study] {len(runs)} runs, {total:.0f} s of bon.py in all; results in {output_dir}")

@@ -49,7 +49,12 @@ def test_table_uses_each_seeds_validation_k_and_pairs_differences_with_map(study
     chosen = {("0", "LA", "std"): "1.0", ("1", "LA", "std"): "2.0"}
     write_run(tmp_path / "run", gold, chosen)
     results = {("lists", "sft", "default"): study.run_results(tmp_path / "run", [0, 1])}
-    assert results["lists", "sft", "default"]["LA", "std"] == {"last": [1.5, 2.0], "best": [2.5, 2.0], "k": [1, 2]}
+    assert results["lists", "sft", "default"]["LA", "std"] == {
+        "last": [1.5, 2.0],
+        "best": [2.5, 2.0],
+        "k": [1, 2],
+        "n_max": 4,
+    }
     rows = {(r["method"], r["penalty"]): r for r in study.table_rows(results, [0, 1])}
     la = rows["LA", "std"]
     # Gold at n = 4: [1.5, 2.0] -> 1.75 ± 0.25; MAP [0.5, 0.0]; paired Δ [1.0, 2.0] -> 1.5 ± 0.5.
@@ -59,8 +64,15 @@ def test_table_uses_each_seeds_validation_k_and_pairs_differences_with_map(study
     assert (la["delta_best_mean"], la["delta_best_std"]) == pytest.approx((0.5, 0.0))
     assert la["ks"] == "1 2" and la["option"] == "default"
     assert rows["MAP", "none"]["delta_last_mean"] == 0.0 and rows["MAP", "none"]["option"] == ""
-    study.write_markdown(tmp_path / "study.md", list(rows.values()), "small", [0, 1], 4)
-    assert "| default | LA | std | +1.750 ± 0.250 | +1.500 ± 0.500 |" in (tmp_path / "study.md").read_text()
+    study.write_markdown(tmp_path / "study.md", list(rows.values()), "small", [0, 1])
+    # Other options' runs fit on the same MAP: their MAP rows are left out, but for a grid search, which trains its own.
+    results.update({("lists", "sft", o): results["lists", "sft", "default"] for o in ("diag", "gridsearch")})
+    options = {(r["option"], r["method"]) for r in study.table_rows(results, [0, 1])}
+    assert ("gridsearch", "MAP") in options and ("diag", "LA") in options and ("diag", "MAP") not in options
+    markdown = (tmp_path / "study.md").read_text()
+    assert "| default | LA | std | +1.750 ± 0.250 | +1.500 ± 0.500 |" in markdown
+    assert "| default | LA | std | +1.500 ± 0.500 |" in markdown  # the overview: Δ at the largest n per panel
+    assert "## world `lists`, proxy backbone `sft` (largest n = 4)" in markdown
 
 
 def test_runs_of_a_world_share_its_cached_stages(study, tmp_path):
@@ -104,7 +116,7 @@ def test_diagnostics_name_the_most_overrated_class_and_average_over_seeds(study,
     assert (marginal["corr_all"], marginal["corr_top"]) == pytest.approx((0.2, 0.3))
     assert (marginal["its_error"], marginal["its_z_std"]) == pytest.approx((1.5, -0.7))
     assert (relative["corr_all"], relative["its_z_std"]) == pytest.approx((-0.5, 0.4))
-    study.write_markdown(tmp_path / "study.md", [], "small", [0, 1], 4, rows)
+    study.write_markdown(tmp_path / "study.md", [], "small", [0, 1], rows)
     assert (
         "| lists | sft | default | marginal | +0.200 | +0.300 | repetition | +1.500 | -0.700 |"
         in (tmp_path / "study.md").read_text()
