@@ -335,7 +335,7 @@ def test_peft_policy(policy, tokenizer):
 def test_sampler_with_a_penalized_bayesian_reward(policy, tokenizer, tmp_path):
     trainer = make_trainer(tokenizer, tmp_path, num_pairs=16)
     trainer.train()
-    reward = PenalizedReward(trainer.posterior, penalty="std", k=1.0)
+    reward = PenalizedReward(trainer.posterior, penalty="std", k=1.0, uncertainty="marginal")
     out = make_sampler(policy, tokenizer, reward=reward, n=3, score_batch_size=4)(PROMPTS[:2])
     flat = [(p, c) for p, row in zip(PROMPTS[:2], out.completions, strict=True) for c in row]
     mean, var = trainer.posterior.predict([p for p, _ in flat], [c for _, c in flat])

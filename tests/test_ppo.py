@@ -217,7 +217,9 @@ def test_bayesian_reward_model_directly_logs_the_penalty_parts(policy_dir, tmp_p
     reward_trainer.train()
     trainer = PPOTrainer(str(policy_dir), reward_trainer.posterior, ppo_args(tmp_path, max_steps=1), prompts(),
                          build_tokenizer())  # fmt: skip
-    assert isinstance(trainer.reward_func, PenalizedReward) and trainer.reward_func.penalty.value == "var"
+    # The default penalty (std), on the marginal variance: PPO scores one completion per prompt.
+    assert isinstance(trainer.reward_func, PenalizedReward) and trainer.reward_func.penalty.value == "std"
+    assert trainer.reward_func.uncertainty == "marginal"
     (entry,) = trainer.train()
     # The penalty's parts, through the TRL reward protocol's `log_metric`: reward mean and std under the posterior.
     assert entry["laplace/reward_std"] > 0

@@ -196,7 +196,7 @@ def test_penalized_reward_relative_per_member_then_combined(tiny, tokenizer):
     with pytest.raises(ValueError, match="uncertainty"):
         PenalizedReward(members, uncertainty="absolute")
     with pytest.raises(ValueError, match="relative"):
-        PenalizedReward(members, reference={"a": ["b"]})
+        PenalizedReward(members, uncertainty="marginal", reference={"a": ["b"]})
 
 
 def test_group_blocks_keep_groups_whole():

@@ -112,10 +112,10 @@ def test_penalized_reward_is_the_formula_over_predictions(members):
     means = torch.stack([p[0] for p in parts])
     variances = torch.stack([p[1] for p in parts])
     for penalty, k in [("std", 0.7), ("var", 2.0), ("none", 1.0)]:
-        got = PenalizedReward(members, penalty=penalty, k=k)(PROMPTS, COMPLETIONS)
+        got = PenalizedReward(members, penalty=penalty, k=k, uncertainty="marginal")(PROMPTS, COMPLETIONS)
         assert isinstance(got, list) and len(got) == 3
         torch.testing.assert_close(torch.tensor(got), penalized_reward(means, variances, penalty, k))
-    single = PenalizedReward(members[0], penalty="std", k=1.0)(PROMPTS, COMPLETIONS)
+    single = PenalizedReward(members[0], penalty="std", k=1.0, uncertainty="marginal")(PROMPTS, COMPLETIONS)
     torch.testing.assert_close(torch.tensor(single), means[0] - variances[0].sqrt())
     uwo = PenalizedReward(members, penalty="uwo", k=3.0)(PROMPTS, COMPLETIONS)
     torch.testing.assert_close(torch.tensor(uwo), means.mean(0) - 3.0 * means.var(0, unbiased=False))
@@ -126,7 +126,7 @@ def test_penalized_reward_prompt_scale_groups_equal_prompts(members):
     completions = ["apple pear", "saw", "fig fig", "saw saw saw", "hammer", "red blue"]
     parts = [m.predict(prompts, completions) for m in members]
     means, variances = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
-    got = PenalizedReward(members, penalty="std", k=0.7, scale="prompt")(prompts, completions)
+    got = PenalizedReward(members, penalty="std", k=0.7, scale="prompt", uncertainty="marginal")(prompts, completions)
     groups = torch.tensor([0, 1, 0, 1, 1, 2])
     torch.testing.assert_close(torch.tensor(got), penalized_reward(means, variances, "std", 0.7, "prompt", groups))
     assert got[5] == pytest.approx(means[:, 5].mean().item())  # a prompt alone: no spread, no penalty
@@ -136,7 +136,7 @@ def test_penalized_reward_prompt_scale_groups_equal_prompts(members):
 
 
 def test_penalized_reward_protocol(members):
-    reward = PenalizedReward(members[0], penalty="std")
+    reward = PenalizedReward(members[0], penalty="std", uncertainty="marginal")
     assert not isinstance(reward, nn.Module)  # GRPO/RLOO would treat a module as an HF model
     logged = {}
     reward(
@@ -177,3 +177,16 @@ def test_conversational_completions_are_scored_with_the_chat_template(members):
         torch.testing.assert_close(torch.tensor(conversational), expected)
     finally:
         model.tokenizer.chat_template = None
+
+
+def test_penalized_reward_defaults_to_the_relative_std_and_refuses_lone_prompts(members):
+    """The defaults are what won the uncertainty study (README): the std penalty on the relative variance. A prompt
+    scored alone has no group to be relative to: refused with the fix, never a silent zero penalty."""
+    reward = PenalizedReward(members[0])
+    assert (reward.penalty.value, reward.uncertainty, reward.k, reward.scale) == ("std", "relative", 1.0, "absolute")
+    with pytest.raises(ValueError, match="single completion.*pass `reference`"):
+        reward(PROMPTS, COMPLETIONS)
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    completions = ["apple pear", "fig fig fig", "saw", "hammer saw"]
+    mean, _, relative = members[0].predict_relative(prompts, completions)
+    torch.testing.assert_close(torch.tensor(reward(prompts, completions)), mean - relative.sqrt())

@@ -411,7 +411,8 @@ class PPOTrainer:
             disabled (no second copy).
         reward_func (`Callable` or [`BayesianRewardModel`]): a TRL reward function `(prompts, completions,
             completion_ids=..., log_metric=..., **kwargs) -> list[float]` that reads text, e.g. [`PenalizedReward`]; a
-            `BayesianRewardModel` is wrapped in `PenalizedReward(model)` (its default variance penalty).
+            `BayesianRewardModel` is wrapped in `PenalizedReward(model, uncertainty="marginal")` (PPO scores one
+            completion per prompt; for the relative variance pass a `PenalizedReward` with a `reference`).
         args ([`PPOConfig`]).
         train_dataset ([`~datasets.Dataset`]): a `prompt` column of strings or conversations (lists of messages).
         processing_class ([`~transformers.PreTrainedTokenizerBase`]): the policy's tokenizer; needs a pad token.
@@ -487,7 +488,8 @@ class PPOTrainer:
             value_model.config.pad_token_id = tokenizer.pad_token_id
 
         if isinstance(reward_func, BayesianRewardModel):
-            reward_func = PenalizedReward(reward_func)
+            # One completion per prompt: the relative variance would need a reference set, which the caller provides.
+            reward_func = PenalizedReward(reward_func, uncertainty="marginal")
         self.reward_func = reward_func
         self.gold_reward = gold_reward
         self.reward_name = getattr(reward_func, "__name__", type(reward_func).__name__)

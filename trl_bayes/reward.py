@@ -582,14 +582,17 @@ class PenalizedReward:
 
     Args:
         models (`BayesianRewardModel` or a list of them): one model, or independently trained members.
-        penalty (`str`, *optional*, defaults to `"var"`): `"none"`, `"std"`, `"var"`, `"wco"` or `"uwo"`.
+        penalty (`str`, *optional*, defaults to `"std"`): `"none"`, `"std"`, `"var"`, `"wco"` or `"uwo"`. The default
+            is what won the uncertainty study across worlds and proxy backbones (README, issue 7).
         k (`float`, *optional*, defaults to `1.0`): penalty strength (the λ of `"uwo"`).
         batch_size (`int`, *optional*, defaults to `16`): responses per forward pass.
-        uncertainty (`str`, *optional*, defaults to `"marginal"`): which variance the `std`/`var` penalties use.
-            `"marginal"`: Var(r_i) = J_i Σ J_i^T (the paper's). `"relative"`: Var(r_i - mean_j r_j) over the
-            completions of the same prompt in the call (Best-of-N's candidates, GRPO/RLOO's `num_generations`
-            group), or over `reference`'s completions when given; the prompt's unidentified reward offset cancels.
-            Costs a second forward-backward per response. Ensembles: per member, then combined.
+        uncertainty (`str`, *optional*, defaults to `"relative"`): which variance the `std`/`var` penalties use.
+            `"relative"`: Var(r_i - mean_j r_j) over the completions of the same prompt in the call (Best-of-N's
+            candidates, GRPO/RLOO's `num_generations` group), or over `reference`'s completions when given; the
+            prompt's unidentified reward offset cancels. A prompt with a single completion and no `reference` is
+            refused. Costs a second forward-backward per response. `"marginal"`: Var(r_i) = J_i Σ J_i^T (the
+            paper's), for one completion per prompt without a reference. Ensembles: per member, then combined. The
+            default won the uncertainty study in three of its four world x backbone panels (README, issue 7).
         reference (mapping or callable, *optional*): with `uncertainty="relative"`, completions per prompt (a mapping
             from the prompt string, or a callable of the prompt) whose mean the reward is centered on, e.g. K samples
             of the reference policy: for callers that score one completion per prompt (PPO). Their mean gradients
@@ -612,10 +615,10 @@ class PenalizedReward:
     def __init__(
         self,
         models: BayesianRewardModel | Sequence[BayesianRewardModel],
-        penalty: Penalty | str = Penalty.VAR,
+        penalty: Penalty | str = Penalty.STD,
         k: float = 1.0,
         batch_size: int = 16,
-        uncertainty: str = "marginal",
+        uncertainty: str = "relative",
         reference: Mapping[str, Sequence[Any]] | Callable[[Any], Sequence[Any]] | None = None,
         scale: str = "absolute",
     ):
