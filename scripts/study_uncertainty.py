@@ -272,28 +272,43 @@ def write_markdown(path: Path, rows: list[dict], scale: str, seeds: list[int], d
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(path: Path, rows: list[dict]) -> None:
-    """Δ gold vs MAP at the largest n for each LA variant, one panel per world x backbone."""
+def plot(path: Path, rows: list[dict], penalty: str = "std") -> None:
+    """Δ gold vs MAP at the largest n (mean ± std over seeds), one panel per world x backbone, the same rows in each:
+    every option's LA and LA-rel with `penalty` (k in absolute units, chosen on validation), then Ens, LA-Ens and
+    LA-Ens-rel. `study.md` has every penalty and scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = list(dict.fromkeys((r["world"], r["backbone"]) for r in rows))
-    fig, axes = plt.subplots(
-        1, len(panels), figsize=(6 * len(panels), 0.25 * len(rows) / len(panels) + 2), squeeze=False
-    )
-    for ax, (world, backbone) in zip(axes[0], panels, strict=True):
-        mine = [r for r in rows if (r["world"], r["backbone"]) == (world, backbone) and r["method"] != "MAP"]
-        labels = [f"{r['method']} {r['penalty']} {r['option']}".strip() for r in mine]
-        ax.barh(range(len(mine)), [r["delta_last_mean"] for r in mine], xerr=[r["delta_last_std"] for r in mine],
-                color=["tab:green" if r["delta_last_mean"] > 0 else "tab:red" for r in mine])  # fmt: skip
-        ax.set_yticks(range(len(mine)))
-        ax.set_yticklabels(labels, fontsize=7)
-        ax.axvline(0, color="gray", lw=0.8)
-        n_max = mine[0]["n_max"] if mine else "max"
-        ax.set_title(f"world {world}, backbone {backbone}\ngold at n={n_max} minus MAP's (mean ± std over seeds)")
+    panels = list(dict.fromkeys((r["world"], r["backbone"], r["n_max"]) for r in rows))
+    wanted = lambda r: r["penalty"] == penalty or r["method"] == "Ens"  # noqa: E731
+    methods, options = ["LA", "LA-rel", "Ens", "LA-Ens", "LA-Ens-rel"], ["", *OPTIONS]
+    keys = sorted({(r["method"], r["option"]) for r in rows if wanted(r) and r["method"] in methods},
+                  key=lambda key: (methods.index(key[0]), options.index(key[1])))  # fmt: skip
+    labels = [f"{method} ({option or 'MAP ensemble'})" for method, option in keys]
+    colors = {"LA": "tab:blue", "LA-rel": "tab:green", "Ens": "tab:gray", "LA-Ens": "tab:purple",
+              "LA-Ens-rel": "tab:olive"}  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.28 * len(labels) + 1.8), sharey=True,
+                             squeeze=False)  # fmt: skip
+    for ax, (world, backbone, n_max) in zip(axes[0], panels, strict=True):
+        cells = {f"{r['method']} ({r['option'] or 'MAP ensemble'})": r for r in rows
+                 if (r["world"], r["backbone"]) == (world, backbone) and wanted(r)}  # fmt: skip
+        for y, label in enumerate(labels):
+            if label in cells:
+                r = cells[label]
+                ax.barh(y, r["delta_last_mean"], xerr=r["delta_last_std"], color=colors.get(r["method"], "k"),
+                        alpha=0.85, error_kw={"lw": 0.8})  # fmt: skip
+            else:
+                ax.text(0, y, "  not run", va="center", fontsize=7, color="gray")
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(f"{world} world, {backbone} proxy\ngold at n={n_max} minus MAP's", fontsize=10)
         ax.grid(alpha=0.3, axis="x")
+    axes[0][0].invert_yaxis()  # once: the panels share the y axis
+    fig.suptitle(f"Best-of-n: gold gained over MAP by each method and posterior option ('{penalty}' penalty, k chosen "
+                 "on validation prompts; mean ± std over seeds)", fontsize=10)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
