@@ -475,17 +475,22 @@ def sample_pairs(args, train_prompts, eval_prompts, policy_path, gold, cache, ac
     return Dataset.from_dict(train.to_dict()), Dataset.from_dict(held_out.to_dict())
 
 
-def map_key(args, training_args, model_args) -> dict[str, Any]:
-    """What decides a proxy's MAP weights (not its posterior): proxies that differ only in their posterior options
-    share one trained adapter (`maps` stage)."""
-    keys = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "max_length")
-    key = {
+def _proxy_setting(args, training_args, model_args, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The world, pairs, proxy model and LoRA, and the named `training_args` fields: the common part of the keys."""
+    return {
         "world": world_settings(args),
         "pairs": [args.num_train_pairs, args.label_noise],
         "model": model_args.model_name_or_path,
         "lora": [model_args.lora_r, model_args.lora_alpha, model_args.lora_target_modules],
         **{k: str(getattr(training_args, k)) for k in keys},
     }
+
+
+def map_key(args, training_args, model_args) -> dict[str, Any]:
+    """What decides a proxy's MAP weights (not its posterior): proxies that differ only in their posterior options
+    share one trained adapter (`maps` stage)."""
+    key = _proxy_setting(args, training_args, model_args,
+                         ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "max_length"))  # fmt: skip
     if training_args.optimize_prior_precision == "gridsearch":
         key["held_out_of_training"] = training_args.posterior_val_fraction  # the grid search's pairs
     return key
@@ -505,14 +510,7 @@ def proxy_key(args, training_args, model_args) -> dict[str, Any]:
     if training_args.optimize_prior_precision == "gridsearch":
         # Since the grid search's pairs leave MAP training too, proxies cached before that are stale.
         extra["gridsearch_pairs"] = "held out of training"
-    return {
-        "world": world_settings(args),
-        "pairs": [args.num_train_pairs, args.label_noise],
-        "model": model_args.model_name_or_path,
-        "lora": [model_args.lora_r, model_args.lora_alpha, model_args.lora_target_modules],
-        **{k: str(getattr(training_args, k)) for k in keys},
-        **extra,
-    }
+    return {**_proxy_setting(args, training_args, model_args, keys), **extra}
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
