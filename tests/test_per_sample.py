@@ -105,6 +105,24 @@ def _fit(
     return fit_laplace(la, pairs, tokenizer.pad_token_id, batch_size=4, laplace_backend=laplace_backend)
 
 
+def _assert_predictive_is_laplace_torchs(posterior, la, model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """`posterior.predict_ids` on PROMPTS x COMPLETIONS (batches of 3 and 1) equals laplace-torch's stock GLM
+    predictive on the padded batch and its reference path (unpadded per-response Jacobians, laplace-torch's
+    functional_variance); returns (mean, var)."""
+    ids = [tokenize_response(tokenizer, p, c) for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
+    mean, var = posterior.predict_ids(ids, batch_size=3)
+    assert (var > 0).all()
+    input_ids, attention_mask = pad_token_ids(ids, tokenizer.pad_token_id)
+    model.eval()
+    f_mu, f_var = la({"input_ids": input_ids, "attention_mask": attention_mask}, pred_type="glm")
+    torch.testing.assert_close(mean, f_mu.reshape(-1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(var, f_var.reshape(-1), rtol=1e-5, atol=0)
+    ref_mean, ref_var = posterior.predict_ids(ids, batch_size=3, laplace_backend=True)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(var, ref_var, rtol=1e-5, atol=0)
+    return mean, var
+
+
 @pytest.mark.parametrize(
     ("structure", "kfac_approx"), [("kron", "reduce"), ("kron", "expand"), ("diag", "reduce"), ("full", "reduce")]
 )
@@ -130,21 +148,8 @@ def test_predictive_equals_laplace_torch_predictive(tiny, tokenizer, structure):
     model, pairs = tiny
     la = _fit(model, tokenizer, pairs, structure)
     posterior = BayesianRewardModel(model, tokenizer, la, {"hessian_structure": structure})
-    ids = [tokenize_response(tokenizer, p, c) for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
-    mean, var = posterior.predict_ids(ids, batch_size=3)  # batches of 3 and 1
-    assert var.dtype == torch.float64 and (var > 0).all()
-
-    # laplace-torch's stock GLM predictive on the padded batch.
-    input_ids, attention_mask = pad_token_ids(ids, tokenizer.pad_token_id)
-    model.eval()
-    f_mu, f_var = la({"input_ids": input_ids, "attention_mask": attention_mask}, pred_type="glm")
-    torch.testing.assert_close(mean, f_mu.reshape(-1), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(var, f_var.reshape(-1), rtol=1e-5, atol=0)
-
-    # The reference path of predict: unpadded per-response Jacobians, laplace-torch's functional_variance.
-    ref_mean, ref_var = posterior.predict_ids(ids, batch_size=3, laplace_backend=True)
-    torch.testing.assert_close(mean, ref_mean, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(var, ref_var, rtol=1e-5, atol=0)
+    mean, var = _assert_predictive_is_laplace_torchs(posterior, la, model, tokenizer)
+    assert var.dtype == torch.float64
 
     # Pairs: the variance of the difference, covariance of chosen and rejected included.
     diff_mean, diff_var = posterior.predict_pairs(PROMPTS[:3], COMPLETIONS[:3], COMPLETIONS[1:], batch_size=2)
@@ -226,16 +231,7 @@ def test_other_weights_models_and_curvatures_equal_laplace_torch(tiny, models, t
     torch.testing.assert_close(ours.log_marginal_likelihood(), reference.log_marginal_likelihood(), rtol=1e-5, atol=0)
 
     posterior = BayesianRewardModel(model, tokenizer, ours, {"hessian_structure": structure})
-    ids = [tokenize_response(tokenizer, p, c) for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
-    mean, var = posterior.predict_ids(ids, batch_size=3)
-    assert (var > 0).all()
-    input_ids, attention_mask = pad_token_ids(ids, tokenizer.pad_token_id)
-    model.eval()
-    f_mu, f_var = ours({"input_ids": input_ids, "attention_mask": attention_mask}, pred_type="glm")
-    torch.testing.assert_close(mean, f_mu.reshape(-1), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(var, f_var.reshape(-1), rtol=1e-5, atol=0)
-    ref_mean, ref_var = posterior.predict_ids(ids, batch_size=3, laplace_backend=True)
-    torch.testing.assert_close(var, ref_var, rtol=1e-5, atol=0)
+    _assert_predictive_is_laplace_torchs(posterior, ours, model, tokenizer)
 
 
 def _brute_force_curvature(model, params, pairs, weight):

@@ -193,29 +193,7 @@ class BayesianRewardTrainer(RewardTrainer):
                     device=acc.device,
                     laplace_backend=args.laplace_backend,
                 )
-                if args.optimize_prior_precision == PriorPrecisionMethod.MARGLIK:
-                    optimize_prior_precision_marglik(la, args.prior_precision, args.prior_precision_steps)
-                elif args.optimize_prior_precision == PriorPrecisionMethod.GRIDSEARCH:
-                    model.eval()
-                    mine = val_pairs[acc.process_index :: acc.num_processes]
-                    grid = torch.tensor(args.prior_precision_grid, dtype=torch.float64)
-
-                    def jacobian_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-                        input_ids, attention_mask = (batch[k].to(acc.device) for k in ("input_ids", "attention_mask"))
-                        if args.laplace_backend:
-                            return reward_jacobians(model, la.params, input_ids, attention_mask)
-                        layers = laplace_layers(model, la.params)
-                        return batch_jacobians(model, la.params, layers, input_ids, attention_mask)
-
-                    optimize_prior_precision_gridsearch(
-                        la,
-                        jacobian_fn,
-                        mine,
-                        pad_token_id,
-                        args.posterior_batch_size,
-                        grid,
-                        all_reduce,
-                    )
+                self._choose_prior_precision(la, model, val_pairs, pad_token_id, all_reduce)
             finally:
                 for name, p in model.named_parameters():
                     p.requires_grad_(requires_grad[name])
@@ -245,6 +223,31 @@ class BayesianRewardTrainer(RewardTrainer):
             }
         )
         return self.posterior
+
+    def _choose_prior_precision(self, la, model, val_pairs: list, pad_token_id: int, all_reduce) -> None:
+        """Set `la.prior_precision` per `optimize_prior_precision`: the marginal likelihood, or the grid value with the
+        lowest NLL on `val_pairs` (each process scores its share); `None` keeps the configured value."""
+        args, acc = self.args, self.accelerator
+        if args.optimize_prior_precision == PriorPrecisionMethod.MARGLIK:
+            optimize_prior_precision_marglik(la, args.prior_precision, args.prior_precision_steps)
+        elif args.optimize_prior_precision == PriorPrecisionMethod.GRIDSEARCH:
+            model.eval()
+
+            def jacobian_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                input_ids, attention_mask = (batch[k].to(acc.device) for k in ("input_ids", "attention_mask"))
+                if args.laplace_backend:
+                    return reward_jacobians(model, la.params, input_ids, attention_mask)
+                return batch_jacobians(model, la.params, laplace_layers(model, la.params), input_ids, attention_mask)
+
+            optimize_prior_precision_gridsearch(
+                la,
+                jacobian_fn,
+                val_pairs[acc.process_index :: acc.num_processes],
+                pad_token_id,
+                args.posterior_batch_size,
+                torch.tensor(args.prior_precision_grid, dtype=torch.float64),
+                all_reduce,
+            )
 
     def _gridsearch_split(self, pairs: list) -> tuple[list, list]:
         """Held-out pairs for the prior grid search: `eval_dataset` (given, or held out of `train_dataset` before
