@@ -1,6 +1,8 @@
 # One command per job; each creates .venv and installs the project first.
 #   make test   set up and run the test suite (what CI runs)
-#   make bon    set up and run the main job: recipes/bon.py (Best-of-N, the paper's Fig. 2) on its offline default
+#   make bon    set up and run the main job: recipes/bon.py (Best-of-N, the paper's Fig. 2) on its offline default;
+#               one launched process that deals its independent jobs (proxies, sample blocks, scores) to one worker
+#               process per usable core (--num_workers; same results as one process)
 #   make reward set up and run recipes/reward.py on its offline default
 PYTHON ?= python3
 VENV := .venv
@@ -16,9 +18,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Tests on every core (pytest-xdist), one torch thread per test process: the tiny models gain nothing from a second
+# thread, and several processes with two threads each would oversubscribe the cores.
 test: setup
 	$(PY) -m ruff check trl_bayes recipes scripts tests
-	$(PY) -m pytest -q --durations=15 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --durations=30 tests
 
 bon: setup
 	$(VENV)/bin/accelerate launch --num_processes 1 --mixed_precision no recipes/bon.py

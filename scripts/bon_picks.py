@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-from bon import unique_responses  # noqa: E402
-
-from trl_bayes.synthetic import CATEGORIES, gold_score, prompt_category  # noqa: E402
+from trl_bayes.experiments.best_of_n_study import unique_responses
+from trl_bayes.experiments.world import CATEGORIES, gold_score, prompt_category
 
 COLUMNS = ("words", "distinct on-topic", "repeated words", "gold")
 

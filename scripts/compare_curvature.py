@@ -20,7 +20,7 @@ from peft import LoraConfig
 from transformers import GPTNeoXForSequenceClassification, PrinterCallback
 
 from trl_bayes import BayesianRewardConfig, BayesianRewardTrainer
-from trl_bayes.synthetic import build_tokenizer, make_preference_dataset, tiny_gpt_neox_config
+from trl_bayes.experiments.world import build_tokenizer, make_preference_dataset, tiny_gpt_neox_config
 
 VARIANTS = [("kron", "expand"), ("kron", "reduce"), ("diag", "reduce"), ("full", "reduce")]
 

@@ -10,7 +10,7 @@ What is counted, in float32 (the fit and the predictive need a float32 model: `c
 - weights: the whole model on every process during the fit and scoring (under ZeRO-3 gathered for the fit, see
   `trl_bayes.distributed.unwrapped_whole`; reward models for scoring are loaded whole, `whole_weights`);
 - LoRA: the Laplace weights (LoRA factors + score head);
-- curvature, kron: K-FAC factors in `per_sample.KronCurvature`'s layout, for a weight (out, in) one out x out and one
+- curvature, kron: K-FAC factors in `curvature.KronCurvature`'s layout, for a weight (out, in) one out x out and one
   in x in factor: LoRA A (r, in) gives r x r and in x in, LoRA B (out, r) gives out x out and r x r, the score head
   (1, hidden) gives 1 x 1 and hidden x hidden. They are not sharded: every process holds (and all-reduces) all of them.
   After the fit laplace-torch keeps the summed factors (`H_facs`, saved) and their eigendecomposition (eigenvectors of

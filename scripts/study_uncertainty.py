@@ -5,8 +5,8 @@ each with its seeds, and writes one table of the gold reward at the largest n an
 seeds, with paired differences to MAP (same seed):
 
 - worlds: `lists` (world 1: the exploit is long lists with repeated items) and `off_topic` (world 2: lists padded with
-  other categories' items); `trl_bayes.synthetic.World`;
-- backbones: `sft` (the SFT policy's tiny GPT-NeoX, recipes/configs/bon.yaml) and `minilm` (the real all-MiniLM-L6-v2,
+  other categories' items); `trl_bayes.experiments.world.World`;
+- backbones: `sft` (the SFT policy's tiny GPT-NeoX, recipes/bon.py's default) and `minilm` (the real all-MiniLM-L6-v2,
   recipes/configs/bon_minilm.yaml);
 - posterior options (`OPTIONS`): which weights carry the posterior (LoRA + head, LoRA, head), the curvature (GGN, EF),
   its structure (kron, diag) and the prior precision (marglik, grid search on held-out pairs); within every run, the
@@ -43,10 +43,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BON = REPO / "recipes" / "bon.py"
-CONFIGS = {
-    "sft": REPO / "recipes" / "configs" / "bon.yaml",
-    "minilm": REPO / "recipes" / "configs" / "bon_minilm.yaml",
-}
+# Per proxy backbone, the bon.py flags that select it: the default run's, or the MiniLM config.
+BACKBONES = {"sft": [], "minilm": ["--config", str(REPO / "recipes" / "configs" / "bon_minilm.yaml")]}
 WORLDS = ("lists", "off_topic")
 # Posterior options: bon.py flags on top of the backbone's config (kron, all weights, GGN, marglik).
 OPTIONS = {
@@ -67,7 +65,7 @@ SMALL = ["--num_eval_prompts", "16", "--num_validation_prompts", "8", "--num_sam
 SCALES = {
     # Minutes on 2 CPU cores: proves the pipeline, says nothing.
     "small": {"seeds": [0, 1], "flags": {"sft": SMALL, "minilm": SMALL}},
-    # The study, 5 seeds. The tiny backbone at bon.yaml's scale (64 reported prompts x 512 samples, 1000 pairs, 4
+    # The study, 5 seeds. The tiny backbone at bon.py's default scale (64 reported prompts x 512 samples, 1000 pairs, 4
     # members per ensemble). MiniLM's proxies cost about 10x more per response on CPU (a 22M-weight BERT; the variance
     # needs its Jacobian for every response), so its world is smaller, fixed before any penalty was evaluated on it:
     # 32 reported + 8 validation prompts x 64 samples, 250 pairs, 2 members per ensemble, chosen for cost; then the
@@ -319,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", choices=list(SCALES), default="default")
     parser.add_argument("--output_dir", default=None, help="Default: outputs/study-<scale>.")
     parser.add_argument("--worlds", nargs="+", choices=WORLDS, default=list(WORLDS))
-    parser.add_argument("--backbones", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--backbones", nargs="+", choices=list(BACKBONES), default=list(BACKBONES))
     parser.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS))
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="Default: the scale's.")
     parser.add_argument("--dry_run", action="store_true", help="Print the runs and stop.")
@@ -331,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = {}
     for world, backbone, option in plan:
         run_dir = output_dir / "runs" / world / backbone / option
-        flags = ["--config", str(CONFIGS[backbone]), "--world", world, "--output_dir", str(run_dir),
+        flags = [*BACKBONES[backbone], "--world", world, "--output_dir", str(run_dir),
                  "--seeds", *map(str, seeds), *COMMON, *scale["flags"][backbone], *OPTION_FLAGS[option == "default"],
                  *OPTIONS[option]]  # fmt: skip
         runs[world, backbone, option] = (run_dir, flags)
@@ -355,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     # run in parts (e.g. one backbone at a time) ends with one table.
     finished = {}
     for world in WORLDS:
-        for backbone in CONFIGS:
+        for backbone in BACKBONES:
             for option in OPTIONS:
                 run_dir = output_dir / "runs" / world / backbone / option
                 if (run_dir / "k_selection.csv").is_file() and {int(r["seed"]) for r in read_csv(

@@ -10,7 +10,7 @@ from peft import LoraConfig
 from transformers import GPTNeoXForSequenceClassification
 
 from trl_bayes import BayesianRewardConfig, BayesianRewardTrainer
-from trl_bayes.synthetic import build_tokenizer, make_preference_dataset, tiny_gpt_neox_config
+from trl_bayes.experiments.world import build_tokenizer, make_preference_dataset, tiny_gpt_neox_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.recipe_runs import assert_fails_before_any_work, run_recipe
+from tests.recipe_runs import assert_fails_before_any_work, load_recipe, run_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "bon.py"
 PAPER_CONFIG = RECIPE.parent / "configs" / "bon_pythia_alpacafarm.yaml"
@@ -18,8 +17,9 @@ TINY = [
     "--num_eval_prompts", "4", "--num_samples", "16", "--num_train_pairs", "48", "--num_eval_pairs", "12",
     "--num_demonstrations", "400", "--sft_num_train_epochs", "1", "--seeds", "0", "1", "--ensemble_size", "2",
     "--num_train_epochs", "1", "--ks", "1.0", "2.0", "--uwo_ks", "1.0", "--sample_block_prompts", "2",
-    "--num_validation_prompts", "2",
+    "--num_validation_prompts", "2", "--num_workers", "1",
 ]  # fmt: skip
+# One worker: jobs this small take less time than a worker's start-up (tests/test_parallel_stages.py runs two).
 
 
 @pytest.mark.slow
@@ -87,6 +87,8 @@ def test_offline_default_writes_results_and_resumes_from_cache(tmp_path):
         (["--plot_k", "3"], "--plot_k 3.0 is not one of --ks"),
         (["--penalty_scales", "global"], "--penalty_scales ['global']"),
         (["--world", "banana"], "--world 'banana'"),
+        (["--num_workers", "0"], "--num_workers 0"),
+        (["--score_batch_size", "0"], "--score_batch_size 0"),
         (["--output_dir", "/proc/no-write/bon"], "Cannot write to output_dir"),
     ],
 )
@@ -116,7 +118,7 @@ def test_paper_config_runs_on_local_stand_ins_through_the_hub_code_path(tmp_path
     """Every stage of the paper config is driven by config alone: swap its Hub names for local tiny models and files."""
     from transformers import GPTNeoXForCausalLM, GPTNeoXForSequenceClassification
 
-    from trl_bayes.synthetic import CATEGORIES, build_tokenizer, tiny_gpt_neox_config
+    from trl_bayes.experiments.world import CATEGORIES, build_tokenizer, tiny_gpt_neox_config
 
     tokenizer = build_tokenizer()
     config = tiny_gpt_neox_config(len(tokenizer), pad_token_id=0, eos_token_id=1, max_position_embeddings=256)
@@ -137,6 +139,7 @@ def test_paper_config_runs_on_local_stand_ins_through_the_hub_code_path(tmp_path
         "--num_eval_prompts", "3", "--num_validation_prompts", "2", "--num_train_prompts", "16", "--num_train_pairs", "16", "--num_eval_pairs", "6",
         "--num_samples", "8", "--ns", "1", "2", "8", "--max_new_tokens", "4", "--generation_batch_size", "4",
         "--seeds", "0", "--ensemble_size", "2", "--per_device_train_batch_size", "8", "--max_length", "200",
+        "--num_workers", "1",
     )  # fmt: skip
     with (out / "bon_results.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -147,17 +150,6 @@ def test_paper_config_runs_on_local_stand_ins_through_the_hub_code_path(tmp_path
     assert "gold-rm" not in (out / "summary.md").read_text() and str(gold_dir) in (out / "summary.md").read_text()
 
 
-def bon_module():
-    import importlib
-    import sys
-
-    sys.path.insert(0, str(RECIPE.parent))
-    try:
-        return importlib.import_module("bon")
-    finally:
-        sys.path.remove(str(RECIPE.parent))
-
-
 def test_prompt_scaled_penalties_are_curves_of_their_own():
     """`--penalty_scales absolute prompt` adds `std-prompt` / `var-prompt` curves to the LA methods, scaled within each
     prompt (row of the (P, N) arrays) by `prompt_scale`; the absolute ones are unchanged."""
@@ -165,21 +157,18 @@ def test_prompt_scaled_penalties_are_curves_of_their_own():
     import torch
 
     from trl_bayes import penalized_reward
+    from trl_bayes.experiments.best_of_n_study import method_scores, method_specs, penalty_labels
 
-    bon = bon_module()
-    world_stages = sys.modules["world_stages"]  # imported by bon
-    args = bon.make_parser().parse_args_and_config(
-        world_stages.with_default_config(
-            ["--penalty_scales", "absolute", "prompt", "--ks", "1", "2"], bon.DEFAULT_CONFIG
-        )
-    )[0]
-    assert bon.penalty_labels(args) == ["std", "var", "std-prompt", "var-prompt"]
-    assert ("LA", "var-prompt", 2.0) in bon.method_specs(args) and ("LA-Ens", "std-prompt", 1.0) in bon.method_specs(
-        args
+    args = (
+        load_recipe("bon")
+        .make_parser()
+        .parse_args_and_config(["--penalty_scales", "absolute", "prompt", "--ks", "1", "2"])[0]
     )
+    assert penalty_labels(args) == ["std", "var", "std-prompt", "var-prompt"]
+    assert ("LA", "var-prompt", 2.0) in method_specs(args) and ("LA-Ens", "std-prompt", 1.0) in method_specs(args)
     rng = np.random.default_rng(0)
     members = [{"mean": rng.normal(size=(3, 5)), "var": rng.random((3, 5))} for _ in range(2)]
-    rank, proxy = bon.method_scores("LA", "std-prompt", 2.0, members)
+    rank, proxy = method_scores("LA", "std-prompt", 2.0, members)
     means, variances = (
         torch.from_numpy(members[0]["mean"].reshape(1, -1)),
         torch.from_numpy(members[0]["var"].reshape(1, -1)),
@@ -190,9 +179,9 @@ def test_prompt_scaled_penalties_are_curves_of_their_own():
     np.testing.assert_allclose(proxy, members[0]["mean"])
     # Within a prompt, the scale is sd(r) / mean(std): rescaling one prompt's variances changes no ranking.
     scaled = [{"mean": m["mean"], "var": m["var"] * np.array([[1.0], [100.0], [0.01]])} for m in members]
-    np.testing.assert_allclose(bon.method_scores("LA-Ens", "var-prompt", 1.0, scaled)[0],
-                               bon.method_scores("LA-Ens", "var-prompt", 1.0, members)[0])  # fmt: skip
-    absolute, _ = bon.method_scores("LA", "std", 2.0, members)
+    np.testing.assert_allclose(method_scores("LA-Ens", "var-prompt", 1.0, scaled)[0],
+                               method_scores("LA-Ens", "var-prompt", 1.0, members)[0])  # fmt: skip
+    absolute, _ = method_scores("LA", "std", 2.0, members)
     np.testing.assert_allclose(absolute, members[0]["mean"] - 2.0 * np.sqrt(members[0]["var"]))
 
 
@@ -226,16 +215,13 @@ def test_a_run_with_other_posterior_options_fits_on_the_cached_map(tmp_path, mon
 def test_proxy_cache_keys_at_default_settings_keep_their_format():
     """Fields added to the proxies' cache key later enter it only when set away from their default, so that proxies
     cached before stay valid; set, they change the key (a grid search's also changes its MAP's key)."""
-    bon = bon_module()
-    world_stages = sys.modules["world_stages"]
+    from trl_bayes.experiments.proxies import map_key, proxy_key
+
+    parser = load_recipe("bon").make_parser
 
     def keys(*flags):
-        parser = bon.make_parser()
-        args, training_args, model_args = parser.parse_args_and_config(
-            world_stages.with_default_config(list(flags), bon.DEFAULT_CONFIG)
-        )[:3]
-        return (world_stages.proxy_key(args, training_args, model_args),
-                world_stages.map_key(args, training_args, model_args))  # fmt: skip
+        args, training_args, model_args = parser().parse_args_and_config(list(flags))
+        return proxy_key(args, training_args, model_args), map_key(args, training_args, model_args)
 
     proxy, trained = keys()
     assert set(proxy) == {"world", "pairs", "model", "lora", "learning_rate", "num_train_epochs",
@@ -247,3 +233,25 @@ def test_proxy_cache_keys_at_default_settings_keep_their_format():
         assert field in changed and same_map == trained
     changed, other_map = keys("--optimize_prior_precision", "gridsearch")
     assert changed["gridsearch_pairs"] and other_map != trained
+
+
+def test_default_run_keeps_the_cache_keys_of_every_run_so_far():
+    """The default run's proxy key (since `kfac_approx` became "reduce_masked", issue 20) is the one in its cached
+    `proxies/*/done.json` (as the command line parses
+    it, before `normalize_lora_targets` settles the LoRA targets), and its MAP adapters keep their folder names (a
+    digest of the MAP key): a default that moved (a value, or 3 turned 3.0) would retrain every cached proxy."""
+    from trl_bayes.experiments.proxies import key_digest, map_key, member_seed, normalize_lora_targets, proxy_key
+
+    args, training_args, model_args = load_recipe("bon").make_parser().parse_args_and_config([])
+    normalize_lora_targets(model_args)
+    world = {"world_seed": 0, "num_eval_prompts": 64, "num_demonstrations": 6000, "sft": [64, 2, 3, 0.003],
+             "num_validation_prompts": 16}  # fmt: skip
+    # Compared as JSON text: 3 and 3.0 are equal in Python but not in a key's digest.
+    assert json.dumps(proxy_key(args, training_args, model_args)) == json.dumps({
+        "world": world, "pairs": [1000, 0.25], "model": None, "lora": [8, 16, ["query_key_value"]],
+        "learning_rate": "0.003", "num_train_epochs": "3", "per_device_train_batch_size": "16",
+        "hessian_structure": "kron", "subset_of_weights": "all", "kfac_approx": "reduce_masked", "prior_precision": "1.0",
+        "optimize_prior_precision": "marglik", "max_length": "1024",
+    })  # fmt: skip
+    key = {**map_key(args, training_args, model_args), "seed": member_seed(training_args.seed, 0, 0)}
+    assert key_digest(key) == "f18ae078a3"  # cache/maps/seed0-member0-f18ae078a3 of the default run

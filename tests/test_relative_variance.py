@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from trl_bayes import PenalizedReward
+from trl_bayes.generation import pad_token_ids, tokenize_response
 from trl_bayes.laplace_lora import (
     RewardPairModel,
     fit_laplace,
@@ -19,9 +20,9 @@ from trl_bayes.laplace_lora import (
     pop_input_require_grads_hooks,
     select_laplace_parameters,
 )
-from trl_bayes.per_sample import GLMVariance, centered, layer_gradients, stream_layer_gradients
+from trl_bayes.per_sample import GLMVariance, PosteriorScale, centered, layer_gradients, stream_layer_gradients
 from trl_bayes.relative_variance import group_blocks, prompt_key
-from trl_bayes.reward import BayesianRewardModel, pad_token_ids, tokenize_response
+from trl_bayes.reward_model import BayesianRewardModel
 
 from .conftest import lora_config, make_trainer
 
@@ -151,7 +152,7 @@ def test_relative_variance_is_invariant_to_a_prompt_only_feature(tiny, tokenizer
 
     def variances(jacobians, center):
         means = {i: torch.stack([j[groups == g].mean(0) for g in (0, 1)]) for i, j in jacobians.items()}
-        acc = GLMVariance(posterior.laplace, centered(means, groups) if center else None)
+        acc = GLMVariance(PosteriorScale(posterior.laplace), centered(means, groups) if center else None)
         for index in range(len(posterior.params)):
             acc.add(index, jacobians[index])
         return acc.finish()

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from trl_bayes import PenalizedReward, combine_gaussians, penalized_reward
-from trl_bayes.reward import prompt_scale
+from trl_bayes.penalties import PenalizedReward, combine_gaussians, penalized_reward, prompt_scale
 
 from .conftest import make_trainer
 

@@ -9,8 +9,10 @@ from datasets import Dataset
 from laplace.utils import Kron
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
+from transformers.utils import logging as transformers_logging
 
 from trl_bayes import BayesianRewardConfig, BayesianRewardModel, BayesianRewardTrainer
+from trl_bayes.diagnostics import pair_metrics
 from trl_bayes.laplace_lora import eigendecomposition_errors_raise
 from trl_bayes.reward import POSTERIOR_CONFIG_NAME, POSTERIOR_WEIGHTS_NAME, tokenize_response
 from trl_bayes.synthetic import build_tokenizer, make_preference_dataset
@@ -203,6 +205,7 @@ def test_gridsearch_picks_the_grid_value_with_lowest_heldout_nll(tokenizer, tmp_
         ("curvature", "hessian", "curvature"),
         ("prior_precision", -1.0, "prior_precision"),
         ("posterior_batch_size", 0, "posterior_batch_size"),
+        ("kfac_approx", "reduce_padded", "kfac_approx"),
     ],
 )
 def test_bad_config_values_are_refused(field, value, match):
@@ -210,11 +213,24 @@ def test_bad_config_values_are_refused(field, value, match):
         BayesianRewardConfig("out", use_cpu=True, **{field: value})
 
 
+def test_kfac_approx_defaults_to_reduce_masked_which_laplace_torch_lacks():
+    """The default K-FAC is the padding-aware reduce (see tests/test_kfac_batching.py for why); laplace-torch's own fit
+    (`laplace_backend=True`) has no mask, so the combination is refused before any training."""
+    assert BayesianRewardConfig("out", use_cpu=True).kfac_approx == "reduce_masked"
+    with pytest.raises(ValueError, match="kfac_approx"):
+        BayesianRewardConfig("out", use_cpu=True, laplace_backend=True)
+    for kfac_approx in ("reduce", "expand"):
+        assert BayesianRewardConfig("out", use_cpu=True, laplace_backend=True, kfac_approx=kfac_approx).laplace_backend
+    assert BayesianRewardConfig("out", use_cpu=True, laplace_backend=True, hessian_structure="diag").laplace_backend
+
+
 def test_bad_inputs_fail_fast_with_clear_errors(tokenizer, tmp_path):
     args = BayesianRewardConfig(str(tmp_path), use_cpu=True, bf16=False, report_to="none")
     model = make_reward_model(tokenizer)
     pairs = make_preference_dataset(4)
-    with pytest.raises(ValueError, match=r"lacks column\(s\) \['rejected'\]"):
+    with pytest.raises(
+        ValueError, match=r"needs `chosen` and `rejected`; this one has columns \[.chosen., .prompt.\]"
+    ):
         BayesianRewardTrainer(
             model,
             args=args,
@@ -237,7 +253,7 @@ def test_bad_inputs_fail_fast_with_clear_errors(tokenizer, tmp_path):
     trainer = BayesianRewardTrainer(
         model, args=args, train_dataset=pairs, processing_class=tokenizer, peft_config=lora_config()
     )
-    with pytest.raises(ValueError, match="lacks column"):
+    with pytest.raises(ValueError, match=r"`dataset`: A preference row needs `chosen`"):
         trainer.fit_posterior(pairs.remove_columns("chosen"))
     with pytest.raises(ValueError, match="one prompt per completion"):
         trainer.fit_posterior().predict(["a"], ["b", "c"])
@@ -276,3 +292,51 @@ def test_failed_eigendecomposition_raises_instead_of_exiting():
     bad = Kron([[torch.full((3, 3), float("nan")), torch.eye(2)]])
     with pytest.raises(RuntimeError, match="eigendecompose"), eigendecomposition_errors_raise():
         bad.decompose()
+
+
+def test_fit_and_load_print_nothing_by_default(tokenizer, tmp_path, capfd):
+    # disable_tqdm=True (as make_trainer sets) installs transformers' PrinterCallback, which prints every log.
+    trainer = make_trainer(tokenizer, tmp_path, num_pairs=8)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    capfd.readouterr()
+    trainer.fit_posterior()
+    trainer.fit_posterior(make_preference_dataset(8, seed=1))  # tokenizing a new dataset shows no bars either
+    BayesianRewardModel.from_pretrained(tmp_path / "saved")
+    assert capfd.readouterr() == ("", "")
+    assert sum("laplace/prior_precision" in entry for entry in trainer.state.log_history) == 3  # logged, not printed
+
+    # Asked for: a progress bar argument, or transformers' own verbosity. The settings come back afterwards.
+    bars, verbosity = transformers_logging.is_progress_bar_enabled(), transformers_logging.get_verbosity()
+    BayesianRewardModel.from_pretrained(tmp_path / "saved", progress_bar=True)
+    assert "Loading weights" in capfd.readouterr().err
+    assert transformers_logging.is_progress_bar_enabled() == bars
+    transformers_logging.set_verbosity_info()
+    try:
+        trainer.fit_posterior()
+        BayesianRewardModel.from_pretrained(tmp_path / "saved")
+        out, err = capfd.readouterr()
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    assert "laplace/prior_precision" in out and "Loading weights" in err
+
+
+def test_evaluate_posterior_reports_pair_metrics_to_the_config_and_the_card(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, tmp_path, num_pairs=16)
+    trainer.train()
+    with pytest.raises(ValueError, match="no `eval_dataset`"):
+        trainer.evaluate_posterior()
+    held_out = make_preference_dataset(8, seed=7)
+    metrics = trainer.evaluate_posterior(held_out)
+    # The tokenized path equals scoring the texts: the pair metrics of `predict_pairs`.
+    diff_mean, diff_var = trainer.posterior.predict_pairs(held_out["prompt"], held_out["chosen"], held_out["rejected"])
+    assert metrics == pytest.approx({**pair_metrics(diff_mean, diff_var), "num_pairs": 8})
+    assert trainer.state.log_history[-1]["laplace/eval_laplace_probit_nll"] == pytest.approx(
+        metrics["laplace_probit_nll"]
+    )
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = json.loads((tmp_path / "saved" / POSTERIOR_CONFIG_NAME).read_text())
+    assert saved["eval_metrics"] == pytest.approx(metrics)
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert f"| Accuracy | {metrics['map_accuracy']:.4f} | {metrics['map_accuracy']:.4f} |" in card
+    assert "## Laplace posterior" in card and "library_name: peft" in card

@@ -1,5 +1,6 @@
 """Processes, devices and DeepSpeed in one place: what a launch needs on a machine without CUDA, and the ZeRO-3 gather
-of the model for the steps that need whole weights (the posterior fit, generation).
+of the model for the steps that need whole weights (the posterior fit, generation). DeepSpeed is imported only when a
+ZeRO-3 run needs it.
 
 Launch configs live in `recipes/accelerate/`; the README's "Scaling" section gives the command for each recipe.
 """
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType, is_compiled_module
 
 
 def world_size() -> int:
@@ -61,6 +63,16 @@ def is_zero3(accelerator) -> bool:
     return plugin is not None and plugin.zero_stage == 3
 
 
+def unwrap_model(accelerator, wrapped: torch.nn.Module) -> torch.nn.Module:
+    """`accelerator.unwrap_model(wrapped)`, unwrapped here when neither DeepSpeed nor FSDP wraps it (no wrapper or
+    DDP's): Accelerate's own imports DeepSpeed whenever it is installed, which costs seconds and prints a warning."""
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP) or is_compiled_module(
+        wrapped
+    ):
+        return accelerator.unwrap_model(wrapped)
+    return wrapped.module if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else wrapped
+
+
 @contextlib.contextmanager
 def unwrapped_whole(accelerator, wrapped: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """`accelerator.unwrap_model(wrapped)`, with whole weights inside the block: under DeepSpeed ZeRO-3 they are
@@ -74,10 +86,14 @@ def unwrapped_whole(accelerator, wrapped: torch.nn.Module) -> Iterator[torch.nn.
     Cost: the full module (base weights included, in their dtype) on every process for the block, as for TRL's
     generation under ZeRO-3.
     """
+    if not is_zero3(accelerator):
+        yield unwrap_model(accelerator, wrapped)
+        return
+    # Imported only under ZeRO-3: `import deepspeed` takes seconds and prints an accelerator warning.
     import deepspeed
     from trl.models.utils import unwrap_model_for_generation
 
-    if not (is_zero3(accelerator) and isinstance(wrapped, deepspeed.DeepSpeedEngine)):
+    if not isinstance(wrapped, deepspeed.DeepSpeedEngine):
         yield accelerator.unwrap_model(wrapped)
         return
     offload = getattr(wrapped.optimizer, "parameter_offload", wrapped.optimizer)
@@ -103,11 +119,12 @@ def gathered_model(accelerator, wrapped: torch.nn.Module | None, model: torch.nn
     The base weights are what a forward through the LoRA layers needs; gathering only the LoRA weights would leave
     DeepSpeed's hooks gathering each base layer at every forward instead, in lockstep across processes.
     """
-    import deepspeed
-
     if not is_zero3(accelerator):
         yield
-    elif isinstance(wrapped, deepspeed.DeepSpeedEngine):
+        return
+    import deepspeed  # only under ZeRO-3, as in `unwrapped_whole`
+
+    if isinstance(wrapped, deepspeed.DeepSpeedEngine):
         with unwrapped_whole(accelerator, wrapped):
             yield
     else:
@@ -149,3 +166,22 @@ def shutdown() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def configure_deepspeed(accelerator, micro_batch_size: int, max_grad_norm: float | None) -> None:
+    """Fill the DeepSpeed config of a trainer without a dataloader (PPO), before `accelerator.prepare`: DeepSpeed reads
+    the micro batch from a dataloader, and accumulates and clips gradients itself. A no-op without DeepSpeed.
+
+    Args:
+        micro_batch_size: sequences per forward/backward pass on each process.
+        max_grad_norm: the clipping norm where the config leaves it `auto` (`None` or 0: no clipping).
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    steps = accelerator.gradient_accumulation_steps  # micro batches per optimizer step
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    plugin.deepspeed_config["gradient_accumulation_steps"] = steps
+    plugin.deepspeed_config["train_batch_size"] = micro_batch_size * steps * accelerator.num_processes
+    if plugin.deepspeed_config.get("gradient_clipping", "auto") == "auto":
+        plugin.deepspeed_config["gradient_clipping"] = max_grad_norm or 0.0

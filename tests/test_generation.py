@@ -1,0 +1,193 @@
+"""trl_bayes.generation: prompt tokenization, the one sampling loop (`generate`), decoding, and the log-probabilities
+of sampled tokens, on a tiny random GPT-NeoX policy."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import GenerationConfig
+
+from trl_bayes.generation import (
+    chunk_seed,
+    completion_logprobs,
+    completion_mask,
+    decode_completions,
+    entropy_from_logits,
+    generate,
+    logprobs_from_logits,
+    reference_logprobs,
+    tokenize_prompts,
+)
+
+from .test_best_of_n import PROMPTS, make_policy
+
+
+@pytest.fixture(scope="module")
+def policy(tokenizer):
+    return make_policy(tokenizer)
+
+
+def sampling(tokenizer, **kwargs) -> GenerationConfig:
+    settings = dict(do_sample=True, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
+    return GenerationConfig(**{**settings, "eos_token_id": tokenizer.eos_token_id, **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pure functions, hand-computed
+
+
+def test_completion_mask_keeps_tokens_up_to_the_first_eos():
+    ids = torch.tensor([[5, 1, 0, 1], [5, 6, 7, 8], [1, 0, 0, 0]])
+    mask, finished = completion_mask(ids, [1])
+    torch.testing.assert_close(mask, torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]))
+    assert finished.tolist() == [True, False, True]
+    # Several EOS ids: the first of any of them ends the completion.
+    mask, finished = completion_mask(ids, [7, 1])
+    torch.testing.assert_close(mask, torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]))
+    assert finished.tolist() == [True, True, True]
+
+
+def test_logprobs_and_entropy_of_uniform_logits():
+    logits = torch.zeros(1, 2, 4)
+    torch.testing.assert_close(logprobs_from_logits(logits, torch.tensor([[0, 3]])), torch.full((1, 2), -math.log(4)))
+    torch.testing.assert_close(entropy_from_logits(logits), torch.full((1, 2), math.log(4)))
+
+
+def test_chunk_seed_is_a_function_of_seed_and_chunk():
+    assert chunk_seed(0, 1) == chunk_seed(0, 1)
+    assert len({chunk_seed(s, c) for s in range(3) for c in range(3)}) == 9
+    assert all(0 <= chunk_seed(7, c) < 2**32 for c in range(5))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def test_tokenize_prompts_plain_and_through_the_chat_template(tokenizer):
+    ids, conversational = tokenize_prompts(tokenizer, PROMPTS)
+    assert not conversational and ids == [tokenizer(p)["input_ids"] for p in PROMPTS]
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = (
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}: {% endif %}"
+    )
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
+    ids, conversational = tokenize_prompts(chat, conversations)
+    # The template renders "content : " and adds the generation prompt, as TRL's GRPOTrainer tokenizes prompts.
+    assert conversational and ids == [tokenizer(p + " : ")["input_ids"] for p in PROMPTS]
+
+
+@pytest.mark.parametrize(
+    ("prompts", "message"),
+    [
+        ([], "train_dataset\\['prompt'\\] must be a non-empty list"),
+        ("one prompt", "must be a non-empty list"),
+        (["a", [{"role": "user", "content": "b"}]], "must be all strings or all lists of messages"),
+        ([[{"role": "user", "content": "b"}]], "conversational prompts need a tokenizer with a chat template"),
+        (["a", ""], "a prompt tokenizes to no tokens"),
+    ],
+)
+def test_tokenize_prompts_rejects_bad_prompts(tokenizer, prompts, message):
+    with pytest.raises(ValueError, match=message):
+        tokenize_prompts(tokenizer, prompts, "train_dataset['prompt']")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generate
+
+
+def test_generate_cuts_after_the_first_eos_and_pads(policy, tokenizer):
+    prompt_ids, _ = tokenize_prompts(tokenizer, PROMPTS * 4)
+    out = generate(policy, prompt_ids, sampling(tokenizer), seed=0, batch_size=7)
+    assert out.finished.any() and not out.finished.all()  # both endings are checked
+    assert out.prompt_ids.shape == (20, out.prompt_length) and out.completion_ids.shape[0] == 20
+    mask, finished = completion_mask(out.completion_ids, [tokenizer.eos_token_id])
+    torch.testing.assert_close(out.completion_mask, mask)
+    assert torch.equal(out.finished, finished)
+    # After the first EOS: padding, outside the mask; unfinished completions ran to max_new_tokens.
+    assert (out.completion_ids[out.completion_mask == 0] == tokenizer.pad_token_id).all()
+    assert (out.completion_mask.sum(1)[~out.finished] == 8).all()
+    # Prompts are left-padded: each row's prompt tokens are the last ones of its prompt part.
+    for row, ids in enumerate(prompt_ids):
+        assert out.prompt_ids[row, -len(ids) :].tolist() == ids and out.prompt_mask[row].sum() == len(ids)
+    assert out.input_ids.shape == out.attention_mask.shape == (20, out.prompt_length + out.completion_ids.shape[1])
+
+
+def test_generate_is_determined_by_its_seed_and_leaves_the_rng_alone(policy, tokenizer):
+    prompt_ids, _ = tokenize_prompts(tokenizer, PROMPTS)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = generate(policy, prompt_ids, sampling(tokenizer), seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(456)
+    assert torch.equal(generate(policy, prompt_ids, sampling(tokenizer), seed=5).completion_ids, first.completion_ids)
+    assert not torch.equal(
+        generate(policy, prompt_ids, sampling(tokenizer), seed=6).completion_ids, first.completion_ids
+    )
+    # seed=None draws from the global stream (PPO's rollouts): reproducible from torch.manual_seed, and it advances.
+    torch.manual_seed(9)
+    state = torch.get_rng_state()
+    a = generate(policy, prompt_ids, sampling(tokenizer))
+    assert not torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(9)
+    assert torch.equal(generate(policy, prompt_ids, sampling(tokenizer)).completion_ids, a.completion_ids)
+
+
+def test_generate_restores_train_mode_and_refuses_configs_without_pad_or_eos(tokenizer):
+    policy = make_policy(tokenizer).train()
+    prompt_ids, _ = tokenize_prompts(tokenizer, PROMPTS[:2])
+    generate(policy, prompt_ids, sampling(tokenizer), seed=0)
+    assert policy.training
+    with pytest.raises(ValueError, match="needs `pad_token_id` and `eos_token_id`"):
+        generate(policy, prompt_ids, GenerationConfig(do_sample=True, max_new_tokens=2), seed=0)
+
+
+def test_decode_completions(policy, tokenizer):
+    prompt_ids, _ = tokenize_prompts(tokenizer, PROMPTS)
+    out = generate(policy, prompt_ids, sampling(tokenizer), seed=1)
+    texts, ids = decode_completions(tokenizer, out, conversational=False)
+    assert [len(i) for i in ids] == out.completion_mask.sum(1).long().tolist()
+    assert texts == [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+    assert not any("<eos>" in t or "<pad>" in t for t in texts)
+    messages, _ = decode_completions(tokenizer, out, conversational=True)
+    assert messages == [[{"role": "assistant", "content": t}] for t in texts]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Log-probabilities
+
+
+def test_completion_logprobs_match_unpadded_forwards(policy, tokenizer):
+    """Left padding and position ids: each completion's log-probabilities equal those of its unpadded sequence."""
+    prompt_ids, _ = tokenize_prompts(tokenizer, PROMPTS)
+    out = generate(policy, prompt_ids, sampling(tokenizer), seed=2)
+    with torch.no_grad():
+        logprobs, logits = completion_logprobs(policy, out.input_ids, out.attention_mask, out.prompt_length, 0.5)
+    assert logits.shape[:2] == logprobs.shape == out.completion_ids.shape
+    _, ids = decode_completions(tokenizer, out, conversational=False)
+    for row, (prompt, completion) in enumerate(zip(prompt_ids, ids, strict=True)):
+        with torch.no_grad():
+            full = policy(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1] / 0.5
+        expected = full.log_softmax(-1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+        torch.testing.assert_close(logprobs[row, : len(completion)], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_logprobs_of_a_peft_policy_are_the_base_models(policy, tokenizer):
+    lora = LoraConfig(
+        task_type="CAUSAL_LM", r=2, lora_alpha=4, target_modules=["query_key_value"], init_lora_weights=False
+    )
+    peft_policy = get_peft_model(copy.deepcopy(policy), lora)
+    prompt_ids, _ = tokenize_prompts(tokenizer, PROMPTS)
+    out = generate(peft_policy, prompt_ids, sampling(tokenizer), seed=3)
+    inputs = (out.input_ids, out.attention_mask, out.prompt_length)
+    with torch.no_grad():
+        base = completion_logprobs(policy, *inputs)[0]
+        adapted = completion_logprobs(peft_policy, *inputs)[0]
+        torch.testing.assert_close(reference_logprobs(peft_policy, None, *inputs), base)
+        torch.testing.assert_close(reference_logprobs(peft_policy, policy, *inputs), base)
+    assert not torch.allclose(adapted, base)  # the random adapter changes the policy: the check above is not vacuous
+    with pytest.raises(ValueError, match="No reference policy"):
+        reference_logprobs(policy, None, *inputs)

@@ -1,0 +1,357 @@
+"""The Best-of-N study (recipes/bon.py) on top of the shared stages: the samples and their scores (cached), and the
+curves: each method's ranking of a prompt's N samples, proxy and gold reward along n by the unbiased estimator, and
+the penalty strength k chosen per seed on the validation prompts.
+
+Methods: MAP and LA (member 0 of a seed's ensemble, LA penalized by its std or variance), LA-rel (penalized by the
+relative variance Var(r_i - mean_j r_j) over the prompt's N candidates), Ens (the members' mean), Ens-WCO (worst case),
+Ens-UWO (mean minus k x the members' spread), LA-Ens and LA-Ens-rel (the penalized Laplace ensemble).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trl_bayes.experiments.stages import Stage, generation_config, load_policy, world_settings
+from trl_bayes.experiments.workers import Workers, run_jobs
+
+METHODS = ("MAP", "LA", "LA-rel", "Ens", "Ens-WCO", "Ens-UWO", "LA-Ens", "LA-Ens-rel")
+LAPLACE_PENALTIES = ("std", "var")
+ENSEMBLE_METHODS = ("Ens", "Ens-WCO", "Ens-UWO", "LA-Ens", "LA-Ens-rel")
+# Methods penalized by the relative variance Var(r_i - mean_j r_j) over the prompt's N candidates (trl_bayes.
+# relative_variance); the others by the marginal J Sigma J^T.
+RELATIVE_METHODS = ("LA-rel", "LA-Ens-rel")
+# Methods with a penalty strength k, chosen per seed on the validation prompts (`k_selection.csv`).
+SELECTED_METHODS = ("LA", "LA-rel", "LA-Ens", "LA-Ens-rel")
+CSV_COLUMNS = ["method", "penalty", "k", "seed", "n", "kl", "proxy_reward", "gold_reward"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Best-of-N stages
+
+
+def sample_best_of_n(args, eval_prompts, policy_path, cache, accelerator, workers: Workers | None = None):
+    """N completions per held-out prompt, (P, N). Sampled in blocks of `sample_block_prompts` prompts, one job each
+    (dealt to `workers`), each cached as soon as it is done: at the paper's scale (12.5M samples) a crash must not lose
+    days of sampling."""
+    key = {"world": world_settings(args), "N": args.num_samples, "seed": args.sampling_seed}
+    key["batch"] = [args.prompt_batch_size, args.generation_batch_size, args.sample_block_prompts]
+    key["generation"] = [args.max_new_tokens, args.temperature, args.top_k, args.top_p]
+    stage = Stage(cache, "samples", key)
+    starts = range(0, len(eval_prompts), args.sample_block_prompts)
+    blocks = [eval_prompts[first : first + args.sample_block_prompts] for first in starts]
+    if not stage.done:
+        if accelerator.is_main_process and not stage.partial:
+            stage.start()  # a folder from other settings is cleared; one from these settings keeps its blocks
+        accelerator.wait_for_everyone()
+        settings = {name: getattr(args, name) for name in SAMPLING_FIELDS}
+        bars = workers is None or workers.inner_progress_bars(accelerator)
+        jobs = [SampleJob(block_file(stage.path, b), prompts, b, policy_path, settings, bars)
+                for b, prompts in enumerate(blocks) if not block_file(stage.path, b).is_file()]  # fmt: skip
+        run_jobs(run_sample_job, jobs, workers, accelerator, desc="Best-of-N sample blocks")
+        if accelerator.is_main_process:
+            stage.finish()
+        accelerator.wait_for_everyone()
+    return [c for b in range(len(blocks)) for c in json.loads(block_file(stage.path, b).read_text())["completions"]]
+
+
+SAMPLING_FIELDS = ("num_samples", "prompt_batch_size", "generation_batch_size", "sampling_seed", "max_new_tokens",
+                   "temperature", "top_k", "top_p")  # fmt: skip
+"""The script arguments a block of samples depends on (with its prompts and index): what a `SampleJob` carries."""
+
+
+def block_file(path, b: int):
+    return path / f"block{b:05d}.json"
+
+
+@dataclass
+class SampleJob:
+    """One job of the samples stage: the N completions of each prompt of block `block`, written to `path`."""
+
+    path: Path
+    prompts: list[str]
+    block: int
+    policy_path: str
+    settings: dict[str, Any]  # SAMPLING_FIELDS
+    progress_bar: bool = False
+
+
+def run_sample_job(job: SampleJob, accelerator=None) -> None:
+    """Sample one block and write its file: alone (`accelerator` None), or with its prompt chunks split over the
+    processes of `accelerator`. The block draws from its own seed, so the samples do not depend on which blocks a
+    resumed run redoes, nor on where a block ran."""
+    from types import SimpleNamespace
+
+    from accelerate import PartialState
+
+    from trl_bayes import BestOfNSampler
+
+    state = accelerator or PartialState()
+    settings = SimpleNamespace(**job.settings)
+    policy, tokenizer = load_policy(job.policy_path, state.device)
+    sampler = BestOfNSampler(
+        policy, tokenizer, n=settings.num_samples, generation_config=generation_config(settings),
+        prompt_batch_size=settings.prompt_batch_size, generation_batch_size=settings.generation_batch_size,
+        seed=settings.sampling_seed + 7919 * job.block, accelerator=accelerator, progress_bar=job.progress_bar,
+    )  # fmt: skip
+    completions, finished = sampler.generate(job.prompts, return_finished=True)
+    if state.is_main_process:
+        tmp = job.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"completions": completions, "finished": finished.tolist()}))
+        tmp.rename(job.path)  # atomic: a block file is complete or absent
+    state.wait_for_everyone()
+
+
+def score_sharded(score_fn, prompts: list[str], completions: list[str], state) -> list:
+    """`score_fn(prompts, completions)` -> list of per-response records, split over processes and gathered."""
+    from accelerate.utils import gather_object
+
+    indices = list(range(len(prompts)))
+    with state.split_between_processes(indices) as local:
+        local = list(local)
+        records = score_fn([prompts[i] for i in local], [completions[i] for i in local]) if local else []
+    return gather_object(records) if state.num_processes > 1 else records
+
+
+def unique_responses(prompts: list[str], completions: list[list[str]]):
+    """Distinct (prompt, completion) pairs and, per (p, j), the index of its distinct pair: sampled lists repeat."""
+    index: dict[tuple[str, str], int] = {}
+    inverse = [
+        [index.setdefault((p, c), len(index)) for c in row] for p, row in zip(prompts, completions, strict=True)
+    ]
+    return list(index), inverse
+
+
+def score_samples(args, eval_prompts, completions, held_out, members, gold, cache, state, workers=None):
+    """Gold (P, N), and per proxy (mean, var[, rel_var]) of shape (P, N) plus held-out pair differences (mean, var).
+
+    The gold scores here; each proxy's scores are one job (dealt to `workers`). `rel_var` (with a relative method in
+    `--methods`) is Var(r_ij - mean_j' r_ij') over prompt i's N samples: whole prompts (their distinct responses,
+    weighted by how often each was drawn) are scored together, split over the processes of a multi-process launch.
+    """
+    import numpy as np
+
+    distinct, inverse = unique_responses(eval_prompts, completions)
+    inverse = np.asarray(inverse)
+    u_prompts, u_completions = [p for p, _ in distinct], [c for _, c in distinct]
+    state.print(f"[scores] {len(distinct)} distinct responses out of {inverse.size}")
+    # Scores follow the samples they were computed on: the samples stage's key (world, N, seeds, batching).
+    samples_key = {"samples": json.loads((cache / "samples" / "done.json").read_text())}
+    stage = Stage(cache / "scores", "gold", {**samples_key, "gold": args.gold_reward})
+    if not stage.done:
+        scores = score_sharded(lambda p, c: list(gold(prompts=p, completions=c)), u_prompts, u_completions, state)
+        if state.is_main_process:
+            stage.start()
+            np.save(stage.path / "gold.npy", np.asarray(scores, dtype=np.float64))
+            stage.finish()
+        state.wait_for_everyone()
+    gold_scores = np.load(stage.path / "gold.npy")[inverse]
+
+    relative = bool(set(args.methods) & set(RELATIVE_METHODS))
+    # Per prompt, its distinct responses and how often each was drawn (the weights of the relative variance's mean).
+    prompt_rows = [np.unique(row, return_counts=True) for row in inverse] if relative else None
+    responses = (u_prompts, u_completions, prompt_rows, list(held_out["prompt"]),
+                 list(zip(held_out["chosen"], held_out["rejected"], strict=True)))  # fmt: skip
+    bars = workers is None or workers.inner_progress_bars(state)
+    # The batch size moves scores in the last bits: in the key when not the default's (absent there, so that the scores
+    # cached before stay valid).
+    batching = {"batch_size": args.score_batch_size} if args.score_batch_size != 64 else {}
+    stages, jobs = {}, []
+    for (s, j), member_dir in members.items():
+        member = json.loads((member_dir / "done.json").read_text())
+        key = {**samples_key, "member": member, "relative": relative, **batching}
+        stages[s, j] = Stage(cache / "scores", f"seed{s}-member{j}", key)
+        if not stages[s, j].done:
+            jobs.append(ScoreJob(stages[s, j].path, key, member_dir, *responses, args.score_batch_size, bars))
+    run_jobs(run_score_job, jobs, workers, state, desc="Proxy scores")
+    state.wait_for_everyone()
+    proxies = {}
+    for (s, j), stage in stages.items():
+        data = np.load(stage.path / "scores.npz")
+        proxies[s, j] = {
+            "mean": data["mean"][inverse],
+            "var": np.clip(data["var"][inverse], 0.0, None),
+            "pair_mean": data["pair_mean"],
+            "pair_var": data["pair_var"],
+        }
+        if relative:
+            proxies[s, j]["rel_var"] = np.clip(data["rel_var"][inverse], 0.0, None)
+    return gold_scores, proxies
+
+
+@dataclass
+class ScoreJob:
+    """One job of the scores stage: one proxy's (mean, var[, rel_var]) of the distinct responses and (mean, var) of the
+    held-out pairs' differences, written to its stage folder `path` (`scores.npz`)."""
+
+    path: Path
+    key: dict[str, Any]
+    member_dir: Path
+    prompts: list[str]  # (U,) the distinct responses' prompts
+    completions: list[str]  # (U,) and completions
+    prompt_rows: list | None  # per prompt, (distinct responses' indices, counts); None = no relative variance
+    pair_prompts: list[str]  # the held-out pairs
+    pairs: list[tuple[str, str]]  # (chosen, rejected)
+    batch_size: int
+    progress_bar: bool = False
+
+
+def run_score_job(job: ScoreJob, state=None) -> None:
+    """Score one proxy and write its stage: alone (`state` None), or split over the processes of `state`."""
+    import numpy as np
+    from accelerate import PartialState
+
+    from trl_bayes import BayesianRewardModel
+
+    state = state or PartialState()
+    stage = Stage(job.path.parent, job.path.name, job.key)
+    model = BayesianRewardModel.from_pretrained(job.member_dir, device=state.device)
+    bar = job.progress_bar and state.is_main_process
+
+    def predict(p, c):
+        mean, var = model.predict(p, c, batch_size=job.batch_size, progress_bar=bar)
+        return list(zip(mean.tolist(), var.tolist(), strict=True))
+
+    def predict_pairs(p, pairs):
+        chosen, rejected = [c for c, _ in pairs], [r for _, r in pairs]
+        mean, var = model.predict_pairs(p, chosen, rejected, batch_size=job.batch_size)
+        return list(zip(mean.tolist(), var.tolist(), strict=True))
+
+    def predict_relative(prompt_indices):
+        rows = np.concatenate([job.prompt_rows[i][0] for i in prompt_indices]).tolist()
+        counts = np.concatenate([job.prompt_rows[i][1] for i in prompt_indices]).tolist()
+        mean, var, rel = model.predict_relative(
+            [job.prompts[u] for u in rows], [job.completions[u] for u in rows],
+            batch_size=job.batch_size, weights=counts, progress_bar=bar,
+        )  # fmt: skip
+        return list(zip(rows, mean.tolist(), var.tolist(), rel.tolist(), strict=True))
+
+    if job.prompt_rows is not None:
+        values = np.full((len(job.prompts), 3), np.nan)
+        for u, *record in shard_prompts(predict_relative, len(job.prompt_rows), state):
+            values[u] = record
+    else:
+        values = np.asarray(score_sharded(predict, job.prompts, job.completions, state), dtype=np.float64)
+    pair_values = np.asarray(score_sharded(predict_pairs, job.pair_prompts, job.pairs, state), dtype=np.float64)
+    if state.is_main_process:
+        stage.start()
+        extra = {"rel_var": values[:, 2]} if job.prompt_rows is not None else {}
+        np.savez(stage.path / "scores.npz", mean=values[:, 0], var=values[:, 1], **extra,
+                 pair_mean=pair_values[:, 0], pair_var=pair_values[:, 1])  # fmt: skip
+        stage.finish()
+    state.wait_for_everyone()
+
+
+def shard_prompts(score_fn, num_prompts: int, state) -> list:
+    """`score_fn(prompt_indices)` -> list of records, with whole prompts split over processes, gathered."""
+    from accelerate.utils import gather_object
+
+    with state.split_between_processes(list(range(num_prompts))) as local:
+        records = score_fn(list(local)) if len(local) else []
+    return gather_object(records) if state.num_processes > 1 else records
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Curves (main process)
+
+
+def penalty_labels(args) -> list[str]:
+    """The penalties of the LA methods with their scale: `std`, `var` (absolute k) then `std-prompt`, `var-prompt`."""
+    return [p if scale == "absolute" else f"{p}-{scale}" for scale in args.penalty_scales for p in args.penalties]
+
+
+def method_specs(args) -> list[tuple[str, str, float]]:
+    """(method, penalty, k) of every curve, in the order of the table."""
+    specs: list[tuple[str, str, float]] = []
+    for method in args.methods:
+        if method == "MAP":
+            specs.append(("MAP", "none", 0.0))
+        elif method == "Ens":
+            specs.append(("Ens", "mean", 0.0))
+        elif method == "Ens-WCO":
+            specs.append(("Ens-WCO", "wco", 0.0))
+        elif method == "Ens-UWO":
+            specs.extend(("Ens-UWO", "uwo", k) for k in args.uwo_ks)
+        else:  # LA, LA-rel, LA-Ens, LA-Ens-rel
+            specs.extend((method, p, k) for p in penalty_labels(args) for k in args.ks)
+    return specs
+
+
+def method_scores(method: str, penalty: str, k: float, members: list[dict]) -> tuple:
+    """(rank scores, proxy scores) of shape (P, N) for one method over one seed's ensemble (member 0 = MAP / LA).
+
+    The proxy score is the method's unpenalized reward: the member's MAP reward, or the ensemble's mean. The relative
+    methods penalize with the members' relative variances (`rel_var`), the others with the marginal ones. A penalty
+    `std-prompt` / `var-prompt` scales k within each prompt (row), see `trl_bayes.reward.prompt_scale`.
+    """
+    import numpy as np
+    import torch
+
+    from trl_bayes import penalized_reward
+
+    used = members[:1] if method in ("MAP", "LA", "LA-rel") else members
+    shape = used[0]["mean"].shape
+    means = torch.from_numpy(np.stack([m["mean"].ravel() for m in used]))
+    column = "rel_var" if method in RELATIVE_METHODS else "var"
+    variances = torch.from_numpy(np.stack([m[column].ravel() for m in used]))
+    penalty, _, scale = penalty.partition("-")
+    torch_penalty = {"none": "none", "mean": "none", "wco": "wco", "uwo": "uwo"}.get(penalty, penalty)
+    groups = torch.arange(shape[0]).repeat_interleave(shape[1])  # row p of the (P, N) arrays: prompt p
+    rank = penalized_reward(means, variances, torch_penalty, k, scale or "absolute", groups).numpy().reshape(shape)
+    proxy = means.mean(0).numpy().reshape(shape)
+    return rank, proxy
+
+
+def compute_curves(args, gold_scores, proxies, prompts: slice = slice(None)) -> list[dict[str, Any]]:
+    """Proxy and gold reward of every method at every n, on the held-out prompts in `prompts` (rows of the arrays)."""
+    from trl_bayes import best_of_n_estimate, kl_best_of_n
+
+    gold_scores = gold_scores[prompts]
+    rows = []
+    for seed in args.seeds:
+        members = [{key: value[prompts] for key, value in proxies[seed, j].items() if key in ("mean", "var", "rel_var")}
+                   for j in range(args.ensemble_size)]  # fmt: skip
+        for method, penalty, k in method_specs(args):
+            rank, proxy = method_scores(method, penalty, k, members)
+            gold_curve = best_of_n_estimate(rank, gold_scores, args.ns)
+            proxy_curve = best_of_n_estimate(rank, proxy, args.ns)
+            for n, g, p in zip(args.ns, gold_curve, proxy_curve, strict=True):
+                rows.append({"method": method, "penalty": penalty, "k": k, "seed": seed, "n": n,
+                             "kl": float(kl_best_of_n(n)), "proxy_reward": float(p), "gold_reward": float(g)})  # fmt: skip
+    return rows
+
+
+def select_ks(args, validation_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per seed, method (LA, LA-rel, LA-Ens, LA-Ens-rel) and penalty: the k of `ks` with the best gold at the largest
+    n on the validation prompts (ties: the smaller k). One row per candidate k, `chosen` marking the pick."""
+    n_max = args.ns[-1]
+    out = []
+    for seed in args.seeds:
+        for method in [m for m in args.methods if m in SELECTED_METHODS]:
+            for penalty in penalty_labels(args):
+                gold = {r["k"]: r["gold_reward"] for r in validation_rows
+                        if (r["seed"], r["method"], r["penalty"], r["n"]) == (seed, method, penalty, n_max)}  # fmt: skip
+                best = max(sorted(gold), key=lambda k: (gold[k], -k))
+                out.extend({"seed": seed, "method": method, "penalty": penalty, "k": k,
+                            "validation_gold_at_max_n": gold[k], "chosen": k == best} for k in sorted(gold))  # fmt: skip
+    return out
+
+
+def describe_plan(args, training_args, model_args) -> list[str]:
+    """What each stage will load or build, from the config alone (no download)."""
+    policy = args.policy_name_or_path or "offline tiny GPT-NeoX SFT policy (trained here)"
+    return [
+        f"world: {'offline world, seed ' + str(args.world_seed) if args.offline else args.prompts_dataset_name}"
+        f" -> {args.num_eval_prompts} held-out prompts (+ {args.num_validation_prompts} validation prompts for k)",
+        f"policy: {policy}",
+        f"gold reward: {args.gold_reward}",
+        f"pairs: {args.num_train_pairs} sampled + gold-labelled ({args.label_noise:.0%} flipped), "
+        f"{args.num_eval_pairs} held out",
+        f"proxies: {model_args.model_name_or_path or 'SFT backbone'} + LoRA r={model_args.lora_r} "
+        f"alpha={model_args.lora_alpha}, {training_args.hessian_structure} Laplace, "
+        f"{len(args.seeds)} seeds x {args.ensemble_size} members",
+        f"samples: {args.num_eval_prompts} x {args.num_samples} (max_new_tokens={args.max_new_tokens})",
+        f"curves: n in {args.ns}; methods {args.methods}; penalties {args.penalties}; k {args.ks}",
+    ]

@@ -1,0 +1,154 @@
+"""The PPO and GRPO studies' report (recipes/ppo.py, grpo.py): per method, gold at step 0, at the last and at the best
+evaluated step; proxy and gold vs step and vs KL (`*_curves.png`); time per step; `summary.md`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trl_bayes.experiments.report import fmt
+
+# Parts of a PPO step that `trl_bayes.PPOTrainer` times (`time/<part>` in its logs).
+TIMED_PARTS = ("generation", "scoring", "reference", "optimization")
+
+
+def method_label(method: str, args) -> str:
+    """`MAP`, or e.g. `LA (std, k=1)`: the method with its penalty (`args`: the PPO or GRPO script arguments)."""
+    if method == "MAP":
+        return method
+    relative = ", relative" if args.uncertainty == "relative" else ""
+    return f"{method} ({args.penalty}, k={args.k:g}{relative})"
+
+
+def aggregate(rows, args) -> list[dict[str, Any]]:
+    """Per method: gold at step 0, at the last step and at the best evaluated step, per seed."""
+    import numpy as np
+
+    table = []
+    for method in args.methods:
+        per_seed = [[r for r in rows if r["method"] == method and r["seed"] == s] for s in args.seeds]
+        gold, kl, proxy = (
+            np.array([[r[c] for r in mine] for mine in per_seed]) for c in ("gold_reward", "kl", "proxy_reward")
+        )
+        steps = [r["step"] for r in per_seed[0]]
+        table.append({
+            "method": method, "label": method_label(method, args), "gold_first": gold[:, 0], "gold_last": gold[:, -1],
+            "gold_best": gold.max(1), "best_step": [steps[i] for i in gold.argmax(1)], "kl_last": kl[:, -1],
+            "proxy_last": proxy[:, -1],
+        })  # fmt: skip
+    return table
+
+
+def step_times(histories, args) -> dict[str, dict[str, float]]:
+    """Per method, the mean seconds per PPO step of each timed part, over steps and seeds."""
+    import numpy as np
+
+    return {
+        method: {p: float(np.mean([h[f"time/{p}"] for s in args.seeds for h in histories[method, s] if f"time/{p}" in h]))
+                 for p in TIMED_PARTS}
+        for method in args.methods
+    }  # fmt: skip
+
+
+def plot_curves(path: Path, rows, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    for method in args.methods:
+        mine = [[r for r in rows if r["method"] == method and r["seed"] == s] for s in args.seeds]
+        steps = np.array([r["step"] for r in mine[0]])
+        label = method_label(method, args)
+        for row, column in enumerate(("proxy_reward", "gold_reward")):
+            values = np.array([[r[column] for r in seed_rows] for seed_rows in mine])
+            kls = np.array([[r["kl"] for r in seed_rows] for seed_rows in mine])
+            mean, std = values.mean(0), values.std(0)
+            (line,) = axes[row, 0].plot(steps, mean, marker=".", label=label)
+            axes[row, 0].fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+            for s, (k, v) in enumerate(zip(kls, values, strict=True)):
+                axes[row, 1].plot(k, v, marker=".", color=line.get_color(), alpha=0.7, label=label if s == 0 else None)
+    for row, name in enumerate(("proxy reward (the proxy's MAP reward)", "gold reward")):
+        axes[row, 0].set(xlabel="PPO step", ylabel=name, title=f"{name} vs step, mean ± std over seeds {args.seeds}")
+        axes[row, 1].set(
+            xlabel="KL(policy || SFT) on held-out prompts [nats]", ylabel=name, title=f"{name} vs KL, per seed"
+        )
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(
+        f"PPO on the {'offline world' if args.offline else args.prompts_dataset_name}: MAP vs Laplace proxies"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_ppo_summary(path: Path, args, table, times, seconds, sources) -> None:
+    lines = [
+        "# PPO with Bayesian reward models",
+        "",
+        f"- policy: {sources['policy']} ({sources['policy_training']}); gold reward: {sources['gold']}",
+        f"- proxies: {sources['proxy']}, {args.num_train_pairs} training pairs ({args.label_noise:.0%} labels flipped)",
+        f"- PPO: {args.ppo_steps} steps x {args.ppo_batch_size} completions, {args.ppo_epochs} epochs x "
+        f"{args.ppo_mini_batches} minibatches, lr {args.ppo_learning_rate:g}, kl_coef {args.kl_coef:g}, "
+        f"max_new_tokens {args.max_new_tokens}; seed s = the proxies of seed s and PPO seed {sources['seed']} + s "
+        "(the same for every method)",
+        f"- gold on {args.num_eval_prompts} held-out prompts x {args.num_eval_generations} completions every "
+        f"{args.ppo_eval_steps} steps; penalty fixed before the run: {args.penalty}, k = {args.k:g}",
+        "",
+        f"## Gold reward (mean ± std over seeds {args.seeds})",
+        "",
+        "| method | gold at step 0 | final gold | best gold | best step (per seed) | final KL | final proxy (MAP) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in table:
+        lines.append(
+            f"| {t['label']} | {fmt(t['gold_first'])} | {fmt(t['gold_last'])} | {fmt(t['gold_best'])} | "
+            f"{t['best_step']} | {fmt(t['kl_last'])} | {fmt(t['proxy_last'])} |"
+        )
+    lines += ["", "Per seed (final / best gold):", "", "| method | " + " | ".join(f"seed {s}" for s in args.seeds) + " |",
+              "|---|" + "---|" * len(args.seeds)]  # fmt: skip
+    for t in table:
+        cells = " | ".join(f"{a:.3f} / {b:.3f}" for a, b in zip(t["gold_last"], t["gold_best"], strict=True))
+        lines.append(f"| {t['label']} | {cells} |")
+    lines += ["", "## Time per PPO step (s, mean over steps and seeds)", "",
+              "| method | " + " | ".join(TIMED_PARTS) + " | total |", "|---|" + "---|" * (len(TIMED_PARTS) + 1)]  # fmt: skip
+    for t in table:
+        parts = [times[t["method"]][p] for p in TIMED_PARTS]
+        lines.append(f"| {t['label']} | " + " | ".join(f"{v:.3f}" for v in parts) + f" | {sum(parts):.3f} |")
+    lines += ["", "`scoring` = the proxy reward callable; `reference` = no-grad log-probabilities of policy and reference "
+              "and the values; evaluation time is not in the steps.", "", "## Time per stage (s, this run)", "",
+              "| stage | seconds |", "|---|---|"]  # fmt: skip
+    lines += [f"| {stage} | {value:.1f} |" for stage, value in seconds.items()]
+    lines += ["", "Files: `ppo_results.csv`, `ppo_curves.png`, cached stages and PPO logs in the cache folder."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_grpo_summary(path: Path, args, table, seconds) -> None:
+    lines = [
+        f"# {args.trainer.upper()} (TRL's trainer) with Bayesian reward models: the `PenalizedReward` drop-in",
+        "",
+        "- policy: offline SFT policy (tiny GPT-NeoX), full fine-tuning; gold: the offline world's known function",
+        f"- proxies: member 0 of each seed (LoRA + Laplace), {args.num_train_pairs} pairs, "
+        f"{args.label_noise:.0%} labels flipped",
+        f"- {args.trainer.upper()}: {args.grpo_steps} steps x {args.grpo_prompts_per_step} prompts x "
+        f"{args.num_generations} completions, lr {args.grpo_learning_rate:g}, beta {args.beta:g}; penalty {args.penalty}, "
+        f"k = {args.k:g} (fixed before the run)",
+        f"- gold on {args.num_eval_prompts} held-out prompts x {args.num_eval_generations} every {args.grpo_eval_steps} "
+        "steps; proxy = the proxy's MAP reward (unpenalized)",
+        "",
+        f"## Gold reward (mean ± std over seeds {args.seeds})",
+        "",
+        "| method | gold at step 0 | final gold | best gold | best step (per seed) | final KL | final proxy (MAP) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in table:
+        lines.append(f"| {t['label']} | {fmt(t['gold_first'])} | {fmt(t['gold_last'])} | {fmt(t['gold_best'])} | "
+                     f"{t['best_step']} | {fmt(t['kl_last'])} | {fmt(t['proxy_last'])} |")  # fmt: skip
+    lines += ["", "## Time (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {stage} | {value:.2f} |" for stage, value in seconds.items()]
+    lines += ["", f"Files: `{args.trainer}_results.csv`, `{args.trainer}_curves.png`."]
+    path.write_text("\n".join(lines) + "\n")
