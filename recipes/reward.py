@@ -3,7 +3,7 @@
 The recipe
 1. trains a LoRA reward model with the Bradley-Terry loss (the MAP estimate, TRL's `RewardTrainer`),
 2. fits a Laplace posterior over the LoRA weights (and the score head) and tunes its prior precision,
-3. saves adapter + posterior with `trainer.save_model(output_dir)`,
+3. saves adapter + posterior + model card with `trainer.save_model(output_dir)` (`--push_to_hub true`: uploads them),
 4. reloads them with `BayesianRewardModel.from_pretrained(output_dir)`, as a consumer (GRPO, RLOO, best-of-n) would,
    and scores held-out pairs: `eval_summary.json`, `summary.md` and `run_config.json` land in `output_dir`.
 
@@ -30,11 +30,10 @@ rate, ...), `BayesianRewardConfig` for the posterior. A `--config` YAML replaces
         --per_device_train_batch_size 16 --learning_rate 1e-4 --bf16 true \
         --output_dir outputs/reward-pythia-70m
 
-    # a local preference file (json/jsonl/csv/parquet) or a folder (`save_to_disk` output or data files)
-    accelerate launch recipes/reward.py --dataset_name data/prefs.jsonl --model_name_or_path path/to/model
+    accelerate launch recipes/reward.py --dataset_name data/prefs.jsonl --model_name_or_path path/to/model  # local
 
-A dataset needs `chosen` and `rejected` columns (plain text or lists of chat messages) and optionally `prompt`.
-Without a `--dataset_test_split` split in the data, `eval_fraction` of the training split is held out.
+Any TRL preference format (`chosen`/`rejected` text or messages, `prompt` optional); without a `--dataset_test_split`
+split, `eval_fraction` of the training split is held out. Trackers: `--report_to tensorboard`.
 """
 
 from __future__ import annotations
@@ -102,8 +101,7 @@ class RewardScriptArguments:
     def __post_init__(self):
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"`eval_fraction` must be in (0, 1), got {self.eval_fraction}.")
-        for name in ("max_train_pairs", "max_eval_pairs"):
-            value = getattr(self, name)
+        for name, value in (("max_train_pairs", self.max_train_pairs), ("max_eval_pairs", self.max_eval_pairs)):
             if value is not None and value < 1:
                 raise ValueError(f"`{name}` must be >= 1 (or unset), got {value}.")
         if self.num_train_pairs < 1 or self.num_eval_pairs < 1:
@@ -132,8 +130,7 @@ def main(script_args: RewardScriptArguments | None = None, training_args=None, m
     model, tokenizer, model_source = build_model_and_tokenizer(script_args, training_args, model_args)
     peft_config = lora_config(model_args, model)
     clock.lap("model")
-    # The held-out pairs go to the trainer only if it is asked to evaluate during training; note that the
-    # "gridsearch" prior precision then tunes on them, which makes the held-out NLL below optimistic.
+    # Held-out pairs go to the trainer only to evaluate during training ("gridsearch" then tunes on them: optimistic).
     trainer = BayesianRewardTrainer(
         model=model,
         args=training_args,
@@ -162,8 +159,12 @@ def main(script_args: RewardScriptArguments | None = None, training_args=None, m
         e["laplace/log_marglik"] for e in reversed(trainer.state.log_history) if "laplace/log_marglik" in e
     )
 
-    # 3. save
-    trainer.save_model(str(output_dir))
+    trainer.evaluate_posterior(eval_dataset)  # MAP / Laplace accuracy, NLL, ECE: logged, and into the model card
+    # 3. save (and share: adapter, posterior, model card)
+    if training_args.push_to_hub:  # saves into output_dir, then uploads: one commit
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    else:
+        trainer.save_model(str(output_dir))
     trainer.accelerator.wait_for_everyone()
     clock.lap("save")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.recipe_runs import run_recipe
+from tests.test_trackers import read_scalars
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "grpo.py"
 TINY = [
@@ -32,3 +33,13 @@ def test_grpo_smoke_run_writes_results(tmp_path, trainer, uncertainty):
     summary = (out / "summary.md").read_text()
     assert "| MAP |" in summary
     assert ("| LA (std, k=1, relative) |" in summary) == (uncertainty == "relative")
+
+
+def test_grpo_recipe_logs_laplace_proxy_gold_and_kl_to_the_tracker(tmp_path):
+    out = tmp_path / "grpo"
+    run_recipe(RECIPE, "--output_dir", str(out), "--methods", "LA", "--report_to", "tensorboard", *TINY)
+    scalars = read_scalars(out / "grpo_runs")
+    for tag in ("train/laplace/reward", "train/laplace/map_reward", "train/eval/gold_reward", "train/eval/kl",
+                "train/eval/proxy_reward"):  # fmt: skip
+        assert tag in scalars, sorted(scalars)
+    assert [step for step, _ in scalars["train/eval/gold_reward"]] == [0, 1, 2]

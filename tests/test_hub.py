@@ -28,6 +28,7 @@ from trl_bayes.laplace_lora import laplace_tensors
 from trl_bayes.model_card import TAGS, model_card
 
 from .conftest import make_trainer
+from .recipe_runs import RECIPES, main_in_process
 
 REPO_ID = "org/bayes-rm"
 PROMPTS, COMPLETIONS = ["name a few tools : ", "please list fruits : "], ["hammer saw", "dog dog"]
@@ -286,3 +287,19 @@ def test_card_without_metrics_or_hub_base():
     assert "Not evaluated on held-out pairs" in text and "| Accuracy" not in text
     assert "kfac_approx" not in text  # a K-FAC setting only
     assert "| Prior precision | 0.25 (fixed) |" in text
+
+
+def test_the_reward_recipe_pushes_a_model_that_comes_back_identical_with_its_card(hub, offline, tmp_path):
+    out = tmp_path / "rm"
+    main_in_process(RECIPES / "reward.py", "--output_dir", str(out), "--num_train_pairs", "48", "--num_eval_pairs",
+                    "12", "--num_train_epochs", "1", "--push_to_hub", "true", "--hub_model_id", REPO_ID)  # fmt: skip
+    files = hub.files(REPO_ID)
+    assert {POSTERIOR_WEIGHTS_NAME, POSTERIOR_CONFIG_NAME, "adapter_model.safetensors", "README.md"} <= set(files)
+    cache = tmp_path / "hf-cache"
+    populate_cache(cache, hub, REPO_ID)
+    assert_same_model(
+        BayesianRewardModel.from_pretrained(REPO_ID, cache_dir=cache), BayesianRewardModel.from_pretrained(out)
+    )
+    card = ModelCard(files["README.md"].decode())
+    assert set(TAGS) <= set(card.data.tags)
+    assert "Not evaluated on held-out pairs" not in card.text  # the recipe evaluated the posterior before the push

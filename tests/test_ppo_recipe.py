@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.recipe_runs import assert_fails_before_any_work, run_recipe
+from tests.test_trackers import read_scalars
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "ppo.py"
 PAPER_CONFIG = RECIPE.parent / "configs" / "ppo_pythia_alpacafarm.yaml"
@@ -85,3 +86,13 @@ def test_paper_config_parses_into_the_paper_plan(tmp_path):
     assert "EleutherAI/pythia-70m + LoRA r=8 alpha=16, kron Laplace, 3 seeds x 1 members" in plan
     assert "methods ['MAP', 'LA (std, k=1)']" in plan and "max_new_tokens=300" in plan
     assert not (tmp_path / "cache").exists()
+
+
+def test_ppo_recipe_logs_laplace_proxy_gold_and_kl_to_the_tracker(tmp_path):
+    out = tmp_path / "ppo"
+    flags = [f for f in TINY if f not in ("MAP", "LA-Ens")] + ["--report_to", "tensorboard"]
+    run_recipe(RECIPE, "--output_dir", str(out), *flags)
+    scalars = read_scalars(out / "cache" / "ppo" / "LA-seed0" / "run")
+    for tag in ("eval/gold_reward", "eval/reward", "eval/kl", "eval/laplace/reward"):
+        assert tag in scalars, sorted(scalars)
+    assert [step for step, _ in scalars["eval/gold_reward"]] == [0, 1, 2]

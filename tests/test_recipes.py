@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from tests.recipe_runs import RECIPES, load_recipe, restored_logging, run_recipe
+from tests.test_trackers import read_scalars
 from trl_bayes import BayesianRewardModel
 
 CONFIGS = sorted((RECIPES / "configs").glob("*.yaml"))
@@ -41,8 +42,16 @@ def test_reward_recipe_offline_default_writes_adapter_posterior_and_summary(tmp_
         "1",
         "--hessian_structure",
         "diag",
+        "--report_to",
+        "tensorboard",
     )
     summary = json.loads((out / "eval_summary.json").read_text())
+    # The tracker gets the training loss and the posterior's metrics; the held-out ones also reach the model card.
+    scalars = read_scalars(out)
+    assert "train/accuracy" in scalars and "train/laplace/eval_laplace_probit_nll" in scalars, sorted(scalars)
+    assert 0.0 <= scalars["train/laplace/eval_map_accuracy"][-1][1] <= 1.0, sorted(scalars)
+    card = (out / "README.md").read_text()
+    assert "laplace" in card and "Laplace" in card and "accuracy" in card.lower()
     assert summary["num_train_pairs"] == 96 and summary["num_eval_pairs"] == 24
     assert summary["hessian_structure"] == "diag" and summary["prior_precision"] > 0
     assert 0.0 <= summary["metrics"]["map_accuracy"] <= 1.0

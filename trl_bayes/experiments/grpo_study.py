@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from trl_bayes.experiments.rl_report import method_label
@@ -83,7 +84,9 @@ def run_grpo(args, training_args, method, seed, proxy_dir, policy_path, prompts,
             # The policy with whole weights: under ZeRO-3 gathered (and DeepSpeed's hooks off) for the evaluation, so
             # that each process can run its own chunks; elsewhere just unwrapped.
             with unwrapped_whole(trainer.accelerator, trainer.model_wrapped) as policy:
-                return evaluation(policy)
+                metrics = evaluation(policy)
+            trainer.log({f"eval/{name}": value for name, value in metrics.items()})  # to `--report_to`'s trackers
+            return metrics
 
         class GoldCallback(TrainerCallback):
             def on_train_begin(self, train_args, trainer_state, control, **kwargs):
@@ -99,8 +102,10 @@ def run_grpo(args, training_args, method, seed, proxy_dir, policy_path, prompts,
 
         config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if args.trainer == "grpo" else (RLOOConfig, RLOOTrainer)
         config = config_cls(
-            output_dir=str(stage.path / "run"), use_cpu=training_args.use_cpu, ddp_backend=training_args.ddp_backend,
-            bf16=False, report_to="none",
+            # Outside the stage folder, which `stage.start()` empties: the trackers' files (`--report_to`) stay.
+            output_dir=str(Path(training_args.output_dir) / f"{args.trainer}_runs" / f"{method}-seed{seed}"),
+            use_cpu=training_args.use_cpu, ddp_backend=training_args.ddp_backend,
+            bf16=False, report_to=training_args.report_to,  # `--report_to tensorboard`: GRPO's and our metrics
             seed=training_args.seed + seed, max_steps=args.grpo_steps, logging_steps=1, save_strategy="no",
             per_device_train_batch_size=args.grpo_prompts_per_step * args.num_generations,
             num_generations=args.num_generations, max_completion_length=args.max_new_tokens,

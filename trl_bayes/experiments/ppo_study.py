@@ -22,7 +22,7 @@ def ppo_config(args, training_args, output_dir: Path, seed: int):
 
     return PPOConfig(
         str(output_dir), use_cpu=training_args.use_cpu, ddp_backend=training_args.ddp_backend, bf16=args.ppo_bf16,
-        report_to="none", disable_tqdm=True,
+        report_to=training_args.report_to, disable_tqdm=True,  # `--report_to tensorboard`: files in the run folder
         seed=seed, max_steps=args.ppo_steps, per_device_train_batch_size=args.ppo_micro_batch_size,
         # PPOConfig (as TRL's): per_device_train_batch_size x gradient_accumulation_steps completions per update.
         gradient_accumulation_steps=args.ppo_batch_size // args.ppo_micro_batch_size,
