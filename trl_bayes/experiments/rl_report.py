@@ -99,16 +99,8 @@ def write_ppo_summary(path: Path, args, table, times, seconds, sources) -> None:
         f"- gold on {args.num_eval_prompts} held-out prompts x {args.num_eval_generations} completions every "
         f"{args.ppo_eval_steps} steps; penalty fixed before the run: {args.penalty}, k = {args.k:g}",
         "",
-        f"## Gold reward (mean ± std over seeds {args.seeds})",
-        "",
-        "| method | gold at step 0 | final gold | best gold | best step (per seed) | final KL | final proxy (MAP) |",
-        "|---|---|---|---|---|---|---|",
+        *gold_table(table, args.seeds),
     ]
-    for t in table:
-        lines.append(
-            f"| {t['label']} | {fmt(t['gold_first'])} | {fmt(t['gold_last'])} | {fmt(t['gold_best'])} | "
-            f"{t['best_step']} | {fmt(t['kl_last'])} | {fmt(t['proxy_last'])} |"
-        )
     lines += ["", "Per seed (final / best gold):", "", "| method | " + " | ".join(f"seed {s}" for s in args.seeds) + " |",
               "|---|" + "---|" * len(args.seeds)]  # fmt: skip
     for t in table:
@@ -140,15 +132,25 @@ def write_grpo_summary(path: Path, args, table, seconds) -> None:
         f"- gold on {args.num_eval_prompts} held-out prompts x {args.num_eval_generations} every {args.grpo_eval_steps} "
         "steps; proxy = the proxy's MAP reward (unpenalized)",
         "",
-        f"## Gold reward (mean ± std over seeds {args.seeds})",
+        *gold_table(table, args.seeds),
+    ]
+    lines += ["", "## Time (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {stage} | {value:.2f} |" for stage, value in seconds.items()]
+    lines += ["", f"Files: `{args.trainer}_results.csv`, `{args.trainer}_curves.png`."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def gold_table(table: list[dict[str, Any]], seeds) -> list[str]:
+    """The "Gold reward" section of a PPO or GRPO summary: one row per method of `aggregate`'s table."""
+    lines = [
+        f"## Gold reward (mean ± std over seeds {seeds})",
         "",
         "| method | gold at step 0 | final gold | best gold | best step (per seed) | final KL | final proxy (MAP) |",
         "|---|---|---|---|---|---|---|",
     ]
     for t in table:
-        lines.append(f"| {t['label']} | {fmt(t['gold_first'])} | {fmt(t['gold_last'])} | {fmt(t['gold_best'])} | "
-                     f"{t['best_step']} | {fmt(t['kl_last'])} | {fmt(t['proxy_last'])} |")  # fmt: skip
-    lines += ["", "## Time (s)", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {stage} | {value:.2f} |" for stage, value in seconds.items()]
-    lines += ["", f"Files: `{args.trainer}_results.csv`, `{args.trainer}_curves.png`."]
-    path.write_text("\n".join(lines) + "\n")
+        lines.append(
+            f"| {t['label']} | {fmt(t['gold_first'])} | {fmt(t['gold_last'])} | {fmt(t['gold_best'])} | "
+            f"{t['best_step']} | {fmt(t['kl_last'])} | {fmt(t['proxy_last'])} |"
+        )
+    return lines
