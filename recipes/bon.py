@@ -10,8 +10,11 @@ The recipe, in stages (each cached under `<output_dir>/cache/`, so a run killed 
 4. samples: `num_samples` (N) completions per held-out prompt (P), drawn once (`BestOfNSampler`);
 5. scores: the gold reward and every proxy's (mean, var) on every sample, once;
 6. curves: the unbiased Best-of-n estimator gives proxy and gold reward vs KL_bon = log n - (n-1)/n for each method
-   (MAP, LA, LA-rel, Ens, Ens-WCO, Ens-UWO, LA-Ens, LA-Ens-rel; std and var penalties, a few k), written to
-   `bon_results.csv` and `bon_curves.png`; each seed's k chosen on the validation prompts (`k_selection.csv`);
+   (MAP, LA, LA-rel, Ens, Ens-WCO, Ens-UWO, LA-Ens, LA-Ens-rel, and issue 16's typicality baselines Prior-rel,
+   Hidden-Euc, Hidden-Maha, SFT-NLL; std and var penalties, a few k), written to `bon_results.csv` and
+   `bon_curves.png`; each seed's k chosen on the validation prompts (`k_selection.csv`), the grid extended where the
+   pick is an edge of it (`bon_results_extended.csv`), and how much the proxy still moves each ranking
+   (`ranking_correlations.csv`);
 7. diagnostics: does the uncertainty flag the proxy's errors (`bon_diagnostics.png`, CSV files), and `summary.md`.
 
 Stages 3 to 5 are independent jobs (each proxy, each block of samples, each proxy's scores): on a machine without CUDA
@@ -56,9 +59,10 @@ from trl_bayes.experiments.best_of_n_study import (
     SELECTED_METHODS,
     compute_curves,
     describe_plan,
+    extend_grids,
+    ranking_correlations,
     sample_best_of_n,
     score_samples,
-    select_ks,
 )
 from trl_bayes.experiments.gold import load_gold_reward
 from trl_bayes.experiments.launch import check_output_dir, fill_defaults, make_accelerator, recipe_parser
@@ -80,10 +84,13 @@ class BoNScriptArguments(WorldArguments):
             (k * std, the paper's) and/or `prompt` (k * sd_p(r) * std / mean_p(std) within each prompt's N samples,
             `prompt_scale`; its curves are named `std-prompt` / `var-prompt`); `plot_k` is the k drawn in
             `bon_curves.png` (every k goes to the CSV and the summary). `LA-rel` / `LA-Ens-rel` penalize the relative
-            variance Var(r_i - mean_j r_j) over the prompt's N candidates instead of the marginal one.
+            variance Var(r_i - mean_j r_j) over the prompt's N candidates instead of the marginal one. The default
+            methods include issue 16's typicality baselines (Prior-rel, Hidden-Euc, Hidden-Maha, SFT-NLL), so that
+            every result stands beside them; left out of `methods`, they cost nothing and change no other number.
         num_validation_prompts (in `WorldArguments`): held-out prompts, never reported, on which each seed chooses
-            its k from `ks` for LA, LA-rel, LA-Ens and LA-Ens-rel (the best gold at the largest n); those rows are
-            marked "k chosen on validation" in the summary.
+            its k from `ks` for LA, LA-rel, LA-Ens, LA-Ens-rel and the typicality baselines (the best gold at the
+            largest n; a pick at the grid's largest or smallest nonzero k extends the grid, x2 or /2, at most 4
+            times); those rows are marked "k chosen on validation" in the summary.
     """
 
     # Best-of-N
@@ -199,16 +206,23 @@ def main(script_args: BoNScriptArguments | None = None, training_args=None, mode
         clock.lap("Best-of-N samples")
         # 5. scores
         gold_scores, proxies = score_samples(args, held_prompts, completions, held_out, members, gold, cache, state,
-                                             workers)  # fmt: skip
+                                             workers, policy_path)  # fmt: skip
         clock.lap("scores (gold + proxies)")
     if state.is_main_process:
         # 6. curves on the reported prompts; each seed's k chosen on the validation prompts
         rows = compute_curves(args, gold_scores, proxies, reported)
         write_csv(output_dir / "bon_results.csv", rows, CSV_COLUMNS)
-        selection = None
+        selection = correlations = None
         if args.num_validation_prompts and set(args.methods) & set(SELECTED_METHODS):
-            selection = select_ks(args, compute_curves(args, gold_scores, proxies, validation))
+            validation_rows = compute_curves(args, gold_scores, proxies, validation)
+            selection, added = extend_grids(args, gold_scores, proxies, validation, validation_rows)
             write_csv(output_dir / "k_selection.csv", selection, list(selection[0]))
+            # The reported curves of the added ks, beside the grid's (bon_results.csv holds the grid fixed before).
+            extended = compute_curves(args, gold_scores, proxies, reported, added) if added else []
+            write_csv(output_dir / "bon_results_extended.csv", extended, CSV_COLUMNS)
+            rows = rows + extended
+            correlations = ranking_correlations(args, proxies, selection, reported)
+            write_csv(output_dir / "ranking_correlations.csv", correlations, list(correlations[0]))
         plot_curves(output_dir / "bon_curves.png", rows, args, selection)
         # 7. diagnostics on the reported prompts, and the summary
         found = write_diagnostics(
@@ -216,7 +230,8 @@ def main(script_args: BoNScriptArguments | None = None, training_args=None, mode
         )
         clock.lap("curves + diagnostics")
         write_summary(output_dir / "summary.md", args, aggregate(rows, args, selection), selection, found,
-                      clock.finish(), cached_seconds(cache), sources(args, training_args, model_args))  # fmt: skip
+                      clock.finish(), cached_seconds(cache), sources(args, training_args, model_args),
+                      correlations)  # fmt: skip
         write_run_record(output_dir / "config.json", args, training_args, model_args)
         print((output_dir / "summary.md").read_text())
         print(f"Results in {output_dir}: bon_results.csv, bon_curves.png, summary.md, diagnostics.")

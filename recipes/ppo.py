@@ -7,14 +7,19 @@ are the very stages of recipes/bon.py, so pointing `--cache_dir` at a Best-of-N 
 2. preference pairs: two SFT samples per training instruction, labelled by the gold reward (with `label_noise`);
 3. proxies: per seed, LoRA reward models (MAP) with their Laplace posteriors; member 0 is the seed's MAP / LA model;
 4. PPO: for each method (MAP = the proxy's MAP reward; LA = its `penalty`-penalized Laplace reward with strength `k`;
-   LA-Ens = the penalized mean of the seed's `ensemble_size` Laplace members) and each seed, `trl_bayes.PPOTrainer`
-   from the SFT policy, same PPO seed and budget for every method, no KL penalty (the paper's setting); the gold reward
-   on the held-out prompts every `ppo_eval_steps`. Each run checkpoints, so a killed run resumes;
+   LA-rel = the same on the relative variance; LA-Ens = the penalized mean of the seed's `ensemble_size` Laplace
+   members; Ens-UWO = the MAP ensemble's uncertainty-weighted objective; Prior-rel, Hidden-Euc, Hidden-Maha = the
+   typicality baselines of issue 16, `trl_bayes.experiments.ppo_study.METHODS`) and each seed, `trl_bayes.PPOTrainer`
+   from the SFT policy, same PPO seed and budget for every method, no KL penalty by default (the paper's setting;
+   `--kl_coef`, and scripts/study_kl.py for the gold-vs-KL frontier); the gold reward on the held-out prompts every
+   `ppo_eval_steps`. Each run is a job for the worker processes (`--num_workers`) and checkpoints, so a killed run
+   resumes;
 5. results: `ppo_results.csv` (method, penalty, k, seed, step, kl, proxy_reward, gold_reward), `ppo_curves.png`
    (proxy and gold vs step and vs KL) and `summary.md` (final and best gold per method, time per stage and per step).
 
     accelerate launch recipes/ppo.py                                      # offline default: under 10 min on 2 CPUs
     accelerate launch recipes/ppo.py --methods MAP LA                     # without the ensemble (~4 minutes)
+    accelerate launch recipes/ppo.py --methods MAP LA-rel Ens-UWO --kl_coef 0.05   # other rewards, a KL penalty
     accelerate launch recipes/ppo.py --seeds 0 1 2 3 4 --output_dir outputs/ppo5
     accelerate launch recipes/ppo.py --cache_dir outputs/bon/cache         # reuse the Best-of-N recipe's proxies
     accelerate launch --multi_gpu --num_processes 2 recipes/ppo.py --use_cpu true        # two CPU processes
@@ -23,9 +28,9 @@ are the very stages of recipes/bon.py, so pointing `--cache_dir` at a Best-of-N 
 
 Defaults, each in one place: `PPOScriptArguments` (below) and `WorldArguments` for the script's fields,
 `PROXY_DEFAULTS` (`trl_bayes.experiments.proxies`) for the proxies' training and LoRA. A `--config` YAML replaces
-defaults and flags replace both; `main()` from Python runs the bare command line's run. `k` is fixed before any result
-is seen. The proxy reward in the results is the proxy's MAP reward (the unpenalized mean, comparable across methods);
-the reward PPO optimizes is the method's (penalized) one.
+defaults and flags replace both; `main()` from Python runs the bare command line's run. `k` (one strength for every
+penalized method) is fixed before any result is seen. The proxy reward in the results is the proxy's MAP reward (the
+unpenalized mean, comparable across methods); the reward PPO optimizes is the method's (penalized) one.
 """
 
 from __future__ import annotations
@@ -36,10 +41,20 @@ from pathlib import Path
 from trl_bayes.distributed import shutdown
 from trl_bayes.experiments.gold import load_gold_reward
 from trl_bayes.experiments.launch import check_output_dir, fill_defaults, make_accelerator, recipe_parser
-from trl_bayes.experiments.ppo_study import CSV_COLUMNS, METHODS, describe_plan, result_rows, run_ppo, sample_reference
+from trl_bayes.experiments.ppo_study import (
+    CSV_COLUMNS,
+    ENSEMBLE_METHODS,
+    METHODS,
+    check_baselines_available,
+    describe_plan,
+    result_rows,
+    run_ppo_grid,
+    sample_reference,
+    uses_reference,
+)
 from trl_bayes.experiments.proxies import normalize_lora_targets, train_proxies
 from trl_bayes.experiments.report import sources, write_csv, write_run_record
-from trl_bayes.experiments.rl_report import aggregate, method_label, plot_curves, step_times, write_ppo_summary
+from trl_bayes.experiments.rl_report import aggregate, plot_curves, step_times, write_ppo_summary
 from trl_bayes.experiments.stages import StageClock, WorldArguments, build_world, sample_pairs
 from trl_bayes.experiments.workers import Workers, resolve_num_workers
 
@@ -52,11 +67,14 @@ class PPOScriptArguments(WorldArguments):
     defaults are the default run's.
 
     Parameters that control the comparison:
-        methods, penalty, k: MAP, LA (`penalty` with strength `k`), LA-Ens; k fixed before the run.
+        methods, penalty, k: `trl_bayes.experiments.ppo_study.METHODS` (MAP, LA, LA-rel, LA-Ens, Ens-UWO and the
+            typicality baselines Prior-rel, Hidden-Euc, Hidden-Maha); every penalized method uses `penalty` (Ens-UWO:
+            `uwo`) with the one strength `k` (PenalizedReward's default, 1), fixed before the run.
         uncertainty, num_reference_samples: the variance LA / LA-Ens penalize: `marginal` (J Σ J^T, the paper's) or
             `relative` (Var(r - mean of the prompt's reference completions): PPO scores one completion per prompt, so
             the group is `num_reference_samples` samples of the SFT (reference) policy per prompt, drawn once and
-            cached; their mean reward gradients are computed once per prompt).
+            cached; their mean reward gradients are computed once per prompt). LA-rel and the baselines always center
+            on these reference samples.
         cache_dir: where the cached stages live (default `<output_dir>/cache`).
 
     Parameters that control PPO (see `trl_bayes.PPOConfig`):
@@ -110,10 +128,14 @@ class PPOScriptArguments(WorldArguments):
             raise ValueError(f"--k {self.k}: must be >= 0.")
         if self.uncertainty not in ("marginal", "relative"):
             raise ValueError(f"--uncertainty {self.uncertainty!r}: choose 'marginal' or 'relative'.")
-        if self.uncertainty == "relative" and self.num_reference_samples < 1:
-            raise ValueError("--num_reference_samples must be >= 1 with --uncertainty relative.")
-        if "LA-Ens" in self.methods and self.ensemble_size < 2:
-            raise ValueError(f"--ensemble_size {self.ensemble_size}: LA-Ens needs >= 2 members; raise it or drop it.")
+        if any(uses_reference(m, self) for m in self.methods) and self.num_reference_samples < 1:
+            raise ValueError("--num_reference_samples must be >= 1 with --uncertainty relative, LA-rel or a baseline.")
+        for method in set(self.methods) & set(ENSEMBLE_METHODS):
+            if self.ensemble_size < 2:
+                raise ValueError(
+                    f"--ensemble_size {self.ensemble_size}: {method} needs >= 2 members; raise it or drop {method}."
+                )
+        check_baselines_available(self.methods)
         if self.ppo_steps < 1 or self.ppo_eval_steps < 1 or self.ppo_save_steps < 1:
             raise ValueError("--ppo_steps, --ppo_eval_steps and --ppo_save_steps must be >= 1.")
         per_minibatch = self.ppo_micro_batch_size * self.ppo_mini_batches
@@ -124,8 +146,8 @@ class PPOScriptArguments(WorldArguments):
             )
 
     def members_used(self) -> int:
-        """Proxies per seed the methods need (member 0 for MAP / LA; the ensemble for LA-Ens)."""
-        return self.ensemble_size if "LA-Ens" in self.methods else 1
+        """Proxies per seed the methods need (member 0 for most; the ensemble for LA-Ens and Ens-UWO)."""
+        return self.ensemble_size if set(self.methods) & set(ENSEMBLE_METHODS) else 1
 
 
 def main(script_args: PPOScriptArguments | None = None, training_args=None, model_args=None) -> None:
@@ -164,22 +186,18 @@ def main(script_args: PPOScriptArguments | None = None, training_args=None, mode
     clock.lap("preference pairs")
     # 3. proxies: only the members the methods use (the Best-of-N recipe's cache may already hold more)
     proxy_args = replace(args, ensemble_size=args.members_used(), methods=["MAP"])
-    with Workers(resolve_num_workers(args.num_workers, state.num_processes)) as workers:  # one job per proxy
+    # One job per proxy, then one per PPO run, dealt to worker processes (the results do not depend on their number).
+    with Workers(resolve_num_workers(args.num_workers, state.num_processes)) as workers:
         members = train_proxies(proxy_args, training_args, model_args, train_pairs, policy_path, cache, state, workers)
-    clock.lap("proxies (MAP + Laplace fit)")
-    reference = None
-    if args.uncertainty == "relative" and set(args.methods) - {"MAP"}:
-        reference = sample_reference(args, train_prompts + eval_prompts, policy_path, cache, accelerator)
-        clock.lap("reference samples")
-    # 4. PPO, one run per method and seed
-    histories = {}
-    for method in args.methods:
-        for seed in args.seeds:
-            dirs = [members[seed, j] for j in range(args.members_used() if method == "LA-Ens" else 1)]
-            state.print(f"[ppo] {method_label(method, args)}, seed {seed}")
-            histories[method, seed] = run_ppo(args, training_args, method, seed, dirs, policy_path,
-                                              (train_prompts, eval_prompts), gold, cache, state, reference)  # fmt: skip
-            clock.lap(f"PPO {method_label(method, args)}")
+        clock.lap("proxies (MAP + Laplace fit)")
+        reference = None
+        if any(uses_reference(m, args) for m in args.methods):
+            reference = sample_reference(args, train_prompts + eval_prompts, policy_path, cache, accelerator)
+            clock.lap("reference samples")
+        # 4. PPO, one run per method and seed
+        histories = run_ppo_grid(args, training_args, members, policy_path, (train_prompts, eval_prompts), gold,
+                                 cache, state, workers, reference)  # fmt: skip
+        clock.lap("PPO runs")
     # 5. results
     if state.is_main_process:
         rows = [r for (method, seed), h in histories.items() for r in result_rows(method, seed, h, args)]

@@ -21,6 +21,7 @@ is reported because the machine may be shared: CPU time is the figure that load 
 
     python scripts/bench_ppo_vs_trl.py                       # 3 rounds x 30 updates each side (~1 min)
     python scripts/bench_ppo_vs_trl.py --rounds 5 --updates 40 --trl112 /tmp/trl112/src
+    python scripts/bench_ppo_vs_trl.py --policy_cache        # both sides sample with a KV cache (see `run_one`)
 """
 
 from __future__ import annotations
@@ -71,8 +72,12 @@ def load_trl112(root: Path):
     return module
 
 
-def run_one(side: str, updates: int, trl_root: Path) -> dict:
-    """One side's run in this process: per-update times, memory before training, the scores it learned."""
+def run_one(side: str, updates: int, trl_root: Path, policy_cache: bool = False) -> dict:
+    """One side's run in this process: per-update times, memory before training, the scores it learned.
+
+    `policy_cache`: the policy's config asks for a KV cache (`use_cache=True`, as Hub checkpoints such as Pythia's do).
+    The tiny config sets `use_cache=False`, which TRL 1.12's loop follows (it samples without a cache) while ours always
+    samples with one; with `policy_cache` both sides use the cache, so the ratio leaves that difference out."""
     start_import, rss_start = time.perf_counter(), rss_mib()
     import torch
     from datasets import Dataset
@@ -104,6 +109,8 @@ def run_one(side: str, updates: int, trl_root: Path) -> dict:
 
     torch.manual_seed(0)
     policy = GPTNeoXForCausalLM(config())
+    if policy_cache:
+        policy.config.use_cache = policy.generation_config.use_cache = True
     reference = GPTNeoXForCausalLM(config())
     reference.load_state_dict(policy.state_dict())
     reward_model = GPTNeoXForSequenceClassification(config(num_labels=1)).eval()
@@ -218,11 +225,16 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=30, help="PPO updates per run")
     parser.add_argument("--warmup", type=int, default=3, help="first updates left out of the medians")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each side")
+    parser.add_argument(
+        "--policy_cache",
+        action="store_true",
+        help="the policy's config asks for a KV cache (both sides sample with it)",
+    )
     parser.add_argument("--run", choices=("trl", "ours"), help=argparse.SUPPRESS)  # one side, in a child process
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
-        args.out.write_text(json.dumps(run_one(args.run, args.updates, args.trl112)))
+        args.out.write_text(json.dumps(run_one(args.run, args.updates, args.trl112, args.policy_cache)))
         return
     runs = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -231,6 +243,7 @@ def main() -> None:
             for side in ("trl", "ours") if round_ % 2 == 0 else ("ours", "trl"):
                 out = Path(folder) / f"{side}{round_}.json"
                 command = [sys.executable, __file__, "--run", side, "--updates", str(args.updates), "--out", str(out)]
+                command += ["--policy_cache"] if args.policy_cache else []
                 done = subprocess.run(
                     [*command, "--trl112", str(args.trl112)],
                     env=env,

@@ -4,17 +4,27 @@ Runs `recipes/bon.py` (one subprocess per run, as a user would) over worlds x pr
 each with its seeds, and writes one table of the gold reward at the largest n and at the best n, mean ± std over
 seeds, with paired differences to MAP (same seed):
 
-- worlds: `lists` (world 1: the exploit is long lists with repeated items) and `off_topic` (world 2: lists padded with
-  other categories' items); `trl_bayes.experiments.world.World`;
+- worlds: `lists` (world 1: the exploit is long lists with repeated items), `off_topic` (world 2: lists padded with
+  other categories' items) and `rare` (world 3: world 1's exploit, but the best answers, closed lists, are rare in the
+  SFT distribution: a world whose gold does not favour typical answers); `trl_bayes.experiments.world.World`;
 - backbones: `sft` (the SFT policy's tiny GPT-NeoX, recipes/bon.py's default) and `minilm` (the real all-MiniLM-L6-v2,
   recipes/configs/bon_minilm.yaml);
 - posterior options (`OPTIONS`): which weights carry the posterior (LoRA + head, LoRA, head), the curvature (GGN, EF),
   its structure (kron, diag) and the prior precision (marglik, grid search on held-out pairs); within every run, the
   penalty (std, var), its scale (k absolute, or relative to each prompt's spreads) and the variance (marginal `LA`,
-  relative `LA-rel`), each with k chosen per seed on validation prompts that are never reported.
+  relative `LA-rel`), each with k chosen per seed on validation prompts that are never reported;
+- the typicality baselines of issue 16 in the `default` option's run: Prior-rel (the relative variance with the prior
+  in place of the posterior), Hidden-Euc, Hidden-Maha (hidden-state distance within the prompt's candidates) and
+  SFT-NLL, their k chosen on validation like LA's.
 
-The `default` option's run trains each seed's ensemble (MAP, LA, LA-rel, Ens, LA-Ens, LA-Ens-rel); the other options' runs train
-one proxy per seed (MAP, LA, LA-rel), the only proxy whose posterior they change.
+The `default` option's run trains each seed's ensemble (MAP, LA, LA-rel, Ens, LA-Ens, LA-Ens-rel, and the baselines);
+the other options' runs train one proxy per seed (MAP, LA, LA-rel), the only proxy whose posterior they change.
+
+The table: gold at the largest n and at the best n (mean ± std over seeds) with paired differences (same seed) to MAP,
+to MAP at its best n (chosen on the reported gold, MAP's most favourable n), to Prior-rel (same penalty) and to the
+best typicality baseline of the world and backbone: the one of Hidden-Euc / Hidden-Maha / SFT-NLL (and penalty) with
+the best mean validation gold at the largest n (validation prompts only, never the reported gold). An option's run
+without Prior-rel or baselines is compared with those of the `default` run of its world and backbone.
 
 Every run of a world and backbone shares their cached stages (world + SFT policy, preference pairs, Best-of-N
 samples, gold scores): they live once under `<output_dir>/shared/<world>/<backbone>/` and each run's cache links to
@@ -24,6 +34,7 @@ the others.
     python scripts/study_uncertainty.py --scale small                     # minutes: 2 seeds, 16 prompts x 64 samples
     python scripts/study_uncertainty.py                                   # the study: 5 seeds (see SCALES)
     python scripts/study_uncertainty.py --scale small --backbones sft --options default head   # a subset
+    python scripts/study_uncertainty.py --options default                 # 3 worlds x 2 backbones x 5 seeds, default
     python scripts/study_uncertainty.py --dry_run                         # print the runs only
 
 Writes `<output_dir>/study.csv`, `study.md`, `study.png`, `study_diagnostics.csv` (every finished run of the folder,
@@ -45,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 BON = REPO / "recipes" / "bon.py"
 # Per proxy backbone, the bon.py flags that select it: the default run's, or the MiniLM config.
 BACKBONES = {"sft": [], "minilm": ["--config", str(REPO / "recipes" / "configs" / "bon_minilm.yaml")]}
-WORLDS = ("lists", "off_topic")
+WORLDS = ("lists", "off_topic", "rare")
 # Posterior options: bon.py flags on top of the backbone's config (kron, all weights, GGN, marglik).
 OPTIONS = {
     "default": [],
@@ -55,7 +66,11 @@ OPTIONS = {
     "diag": ["--hessian_structure", "diag"],
     "gridsearch": ["--optimize_prior_precision", "gridsearch"],
 }
-METHODS = ["MAP", "LA", "LA-rel", "Ens", "LA-Ens", "LA-Ens-rel"]
+# The typicality baselines of issue 16 (recipes/bon.py methods); the best of TYPICALITY_BASELINES per world and
+# backbone, chosen on validation, is the study's "best baseline".
+BASELINES = ["Prior-rel", "Hidden-Euc", "Hidden-Maha", "SFT-NLL"]
+TYPICALITY_BASELINES = ("Hidden-Euc", "Hidden-Maha", "SFT-NLL")
+METHODS = ["MAP", "LA", "LA-rel", "Ens", "LA-Ens", "LA-Ens-rel", *BASELINES]
 COMMON = ["--penalties", "std", "var", "--penalty_scales", "absolute", "prompt"]
 # The `default` option's run trains each seed's ensemble (Ens, LA-Ens); every other option only changes the posterior
 # of member 0, so its run trains one proxy per seed (MAP, LA, LA-rel): the study's cost is in scoring every proxy.
@@ -140,23 +155,28 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 def run_results(run_dir: Path, seeds: list[int]) -> dict[tuple[str, str], dict]:
     """Per (method, penalty): per seed, gold at the largest n (`n_max`) and the best gold over n, with LA-type methods
-    at the k each seed chose on its validation prompts (`k_selection.csv`), and the k's."""
+    at the k each seed chose on its validation prompts (`k_selection.csv`), the k's, and the validation gold at the
+    largest n of those k (`validation`, `None` for a method without k)."""
     rows = read_csv(run_dir / "bon_results.csv")
-    chosen = {(r["seed"], r["method"], r["penalty"]): r["k"] for r in read_csv(run_dir / "k_selection.csv")
-              if r["chosen"] == "True"}  # fmt: skip
+    picks = [r for r in read_csv(run_dir / "k_selection.csv") if r["chosen"] == "True"]
+    chosen = {(r["seed"], r["method"], r["penalty"]): r["k"] for r in picks}
+    validation = {(r["seed"], r["method"], r["penalty"]): float(r["validation_gold_at_max_n"]) for r in picks}
     n_max = max(int(r["n"]) for r in rows)
     curves: dict[tuple[str, str, str, str], dict[int, float]] = {}
     for r in rows:
         curves.setdefault((r["method"], r["penalty"], r["k"], r["seed"]), {})[int(r["n"])] = float(r["gold_reward"])
     out: dict[tuple[str, str], dict] = {}
     for method, penalty in dict.fromkeys((r["method"], r["penalty"]) for r in rows):
-        entry: dict = {"last": [], "best": [], "k": [], "n_max": n_max}
+        entry: dict = {"last": [], "best": [], "k": [], "n_max": n_max, "validation": []}
         for seed in map(str, seeds):
             k = chosen.get((seed, method, penalty), "0.0")
             curve = curves[method, penalty, k, seed]
             entry["last"].append(curve[n_max])
             entry["best"].append(max(curve.values()))
             entry["k"].append(float(k))
+            entry["validation"].append(validation.get((seed, method, penalty)))
+        if None in entry["validation"]:
+            entry["validation"] = None
         out[method, penalty] = entry
     return out
 
@@ -168,15 +188,30 @@ def mean_std(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std())
 
 
+def best_baseline(per_method: dict[tuple[str, str], dict]) -> tuple[str, str] | None:
+    """The (method, penalty) of `TYPICALITY_BASELINES` with the best mean validation gold at the largest n (each seed at
+    its chosen k) in one run's results; `None` when the run has none."""
+    import numpy as np
+
+    candidates = {key: np.mean(e["validation"]) for key, e in per_method.items()
+                  if key[0] in TYPICALITY_BASELINES and e["validation"] is not None}  # fmt: skip
+    return max(candidates, key=candidates.get) if candidates else None
+
+
 def table_rows(results, seeds) -> list[dict]:
     """One row per (world, backbone, option, method, penalty); MAP and Ens once per (world, backbone), from the
     `default` option's run (the other runs fit on the same MAP members), except the MAP of an option that trains its
-    own (`gridsearch`: its held-out pairs leave training)."""
+    own (`gridsearch`: its held-out pairs leave training). Paired differences (same seed) to MAP (at the largest and
+    at the best n, and the largest n against MAP's best n), to Prior-rel with the same penalty and to the best
+    typicality baseline (`best_baseline`): from the same run, else from the default run of the world and backbone."""
     import numpy as np
 
+    nan = [float("nan")] * len(seeds)
     rows = []
     for (world, backbone, option), per_method in results.items():
         map_ = per_method["MAP", "none"]
+        default = results.get((world, backbone, "default"), {})
+        baseline = best_baseline(per_method) or best_baseline(default)
         for (method, penalty), entry in per_method.items():
             own_map = method == "MAP" and option in OWN_MAP
             if (
@@ -186,15 +221,26 @@ def table_rows(results, seeds) -> list[dict]:
                 and not own_map
             ):
                 continue
-            delta_last = np.subtract(entry["last"], map_["last"])
-            delta_best = np.subtract(entry["best"], map_["best"])
+            prior = per_method.get(("Prior-rel", penalty)) or default.get(("Prior-rel", penalty))
+            typical = (per_method.get(baseline) or default.get(baseline)) if baseline else None
             row = {"world": world, "backbone": backbone, "n_max": entry["n_max"],
                    "option": option if method not in ("MAP", "Ens") or own_map else "",
                    "method": method, "penalty": penalty, "seeds": len(seeds),
-                   "ks": " ".join(f"{k:g}" for k in entry["k"]) if method not in ("MAP", "Ens") else ""}  # fmt: skip
-            for name, values in (("gold_last", entry["last"]), ("gold_best", entry["best"]),
-                                 ("delta_last", delta_last), ("delta_best", delta_best)):  # fmt: skip
-                row[f"{name}_mean"], row[f"{name}_std"] = mean_std(values)
+                   "ks": " ".join(f"{k:g}" for k in entry["k"]) if method not in ("MAP", "Ens") else "",
+                   "best_baseline": " ".join(baseline) if baseline else ""}  # fmt: skip
+            values = {
+                "gold_last": entry["last"],
+                "gold_best": entry["best"],
+                "delta_last": np.subtract(entry["last"], map_["last"]),
+                "delta_best": np.subtract(entry["best"], map_["best"]),
+                "delta_map_best_n": np.subtract(entry["last"], map_["best"]),
+                "delta_prior_last": np.subtract(entry["last"], prior["last"]) if prior else nan,
+                "delta_prior_best": np.subtract(entry["best"], prior["best"]) if prior else nan,
+                "delta_baseline_last": np.subtract(entry["last"], typical["last"]) if typical else nan,
+                "delta_baseline_best": np.subtract(entry["best"], typical["best"]) if typical else nan,
+            }
+            for name, value in values.items():
+                row[f"{name}_mean"], row[f"{name}_std"] = mean_std(value)
             rows.append(row)
     return rows
 
@@ -247,14 +293,22 @@ def write_markdown(path: Path, rows: list[dict], scale: str, seeds: list[int], d
     for option, method, penalty in dict.fromkeys((r["option"], r["method"], r["penalty"]) for r in rows):
         values = [cells.get((option, method, penalty, w, b), "") for w, b, _ in panels]
         lines.append(f"| {option} | {method} | {penalty} | " + " | ".join(values) + " |")
+    g = lambda r, name: "" if r[name + "_mean"] != r[name + "_mean"] else f(r, name)  # noqa: E731  (NaN: no reference)
     for world, backbone, n_max in panels:
+        baseline = next((r["best_baseline"] for r in rows if (r["world"], r["backbone"]) == (world, backbone)), "")
         lines += ["", f"## world `{world}`, proxy backbone `{backbone}` (largest n = {n_max})", "",
-                  "| option | method | penalty | gold at largest n | Δ at largest n | best gold | Δ best | k per seed |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  f"Best typicality baseline (on validation): {baseline or 'not run'}. Δ: paired differences to MAP at "
+                  "the largest n, at the best n, and of the largest n to MAP at its best n; to Prior-rel (same penalty) "
+                  "and to the best baseline, at the largest and at the best n.", "",
+                  "| option | method | penalty | gold at largest n | Δ at largest n | best gold | Δ best | Δ vs MAP's "
+                  "best n | Δ Prior-rel | Δ Prior-rel best | Δ baseline | Δ baseline best | k per seed |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in rows:
             if (r["world"], r["backbone"]) == (world, backbone):
                 lines.append(f"| {r['option']} | {r['method']} | {r['penalty']} | {f(r, 'gold_last')} | "
-                             f"{f(r, 'delta_last')} | {f(r, 'gold_best')} | {f(r, 'delta_best')} | {r['ks']} |")  # fmt: skip
+                             f"{f(r, 'delta_last')} | {f(r, 'gold_best')} | {f(r, 'delta_best')} | "
+                             f"{f(r, 'delta_map_best_n')} | {g(r, 'delta_prior_last')} | {g(r, 'delta_prior_best')} | "
+                             f"{g(r, 'delta_baseline_last')} | {g(r, 'delta_baseline_best')} | {r['ks']} |")  # fmt: skip
     if diagnostics:
         lines += ["", "## Does the uncertainty flag the exploit? (member 0 of each seed, mean over seeds)", "",
                   "`corr all` / `corr top 1/8`: within-prompt correlation of the std with the proxy's error z(proxy) - "
@@ -272,8 +326,8 @@ def write_markdown(path: Path, rows: list[dict], scale: str, seeds: list[int], d
 
 def plot(path: Path, rows: list[dict], penalty: str = "std") -> None:
     """Δ gold vs MAP at the largest n (mean ± std over seeds), one panel per world x backbone, the same rows in each:
-    every option's LA and LA-rel with `penalty` (k in absolute units, chosen on validation), then Ens, LA-Ens and
-    LA-Ens-rel. `study.md` has every penalty and scale."""
+    every option's LA and LA-rel with `penalty` (k in absolute units, chosen on validation), then Ens, LA-Ens,
+    LA-Ens-rel and the typicality baselines. `study.md` has every penalty and scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -281,12 +335,13 @@ def plot(path: Path, rows: list[dict], penalty: str = "std") -> None:
 
     panels = list(dict.fromkeys((r["world"], r["backbone"], r["n_max"]) for r in rows))
     wanted = lambda r: r["penalty"] == penalty or r["method"] == "Ens"  # noqa: E731
-    methods, options = ["LA", "LA-rel", "Ens", "LA-Ens", "LA-Ens-rel"], ["", *OPTIONS]
+    methods, options = ["LA", "LA-rel", "Ens", "LA-Ens", "LA-Ens-rel", *BASELINES], ["", *OPTIONS]
     keys = sorted({(r["method"], r["option"]) for r in rows if wanted(r) and r["method"] in methods},
                   key=lambda key: (methods.index(key[0]), options.index(key[1])))  # fmt: skip
     labels = [f"{method} ({option or 'MAP ensemble'})" for method, option in keys]
     colors = {"LA": "tab:blue", "LA-rel": "tab:green", "Ens": "tab:gray", "LA-Ens": "tab:purple",
-              "LA-Ens-rel": "tab:olive"}  # fmt: skip
+              "LA-Ens-rel": "tab:olive", "Prior-rel": "tab:cyan", "Hidden-Euc": "tab:orange",
+              "Hidden-Maha": "tab:red", "SFT-NLL": "tab:brown"}  # fmt: skip
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.28 * len(labels) + 1.8), sharey=True,
                              squeeze=False)  # fmt: skip
     for ax, (world, backbone, n_max) in zip(axes[0], panels, strict=True):

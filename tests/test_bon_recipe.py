@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.recipe_runs import assert_fails_before_any_work, load_recipe, run_recipe
@@ -30,10 +31,11 @@ def test_offline_default_writes_results_and_resumes_from_cache(tmp_path):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["method", "penalty", "k", "seed", "n", "kl", "proxy_reward", "gold_reward"]
     curves = {(r["method"], r["penalty"]) for r in rows}
+    typicality = ("Prior-rel", "Hidden-Euc", "Hidden-Maha", "SFT-NLL")  # issue 16's baselines, in the defaults
     assert curves == {
         ("MAP", "none"), ("LA", "std"), ("LA", "var"), ("LA-rel", "std"), ("LA-rel", "var"), ("Ens", "mean"),
         ("Ens-WCO", "wco"), ("Ens-UWO", "uwo"), ("LA-Ens", "std"), ("LA-Ens", "var"), ("LA-Ens-rel", "std"),
-        ("LA-Ens-rel", "var"),
+        ("LA-Ens-rel", "var"), *((m, p) for m in typicality for p in ("std", "var")),
     }  # fmt: skip
     assert {r["seed"] for r in rows} == {"0", "1"} and {int(r["n"]) for r in rows} == {1, 2, 4, 8, 16}
     n1 = [float(r["gold_reward"]) for r in rows if r["n"] == "1"]
@@ -48,31 +50,51 @@ def test_offline_default_writes_results_and_resumes_from_cache(tmp_path):
     assert {r["class"] for r in classes} == {"repetition", "short", "long", "off_topic", "typical"}
     assert {r["uncertainty"] for r in classes} == {"marginal", "relative"}
     # k is chosen per seed on the 2 validation prompts, never on the 4 reported ones: one pick per (seed, method,
-    # penalty), the best validation gold at the largest n.
+    # penalty), the best validation gold at the largest n, over the grid and the ks its extension added.
     with (out / "k_selection.csv").open() as f:
         selection = list(csv.DictReader(f))
     picks = [r for r in selection if r["chosen"] == "True"]
-    assert len(picks) == 2 * 4 * 2 and len(selection) == 2 * len(picks)
+    assert len(picks) == 2 * 8 * 2
+    with (out / "bon_results_extended.csv").open() as f:
+        extended = list(csv.DictReader(f))
     for pick in picks:
-        rivals = [
-            r
-            for r in selection
-            if (r["seed"], r["method"], r["penalty"]) == (pick["seed"], pick["method"], pick["penalty"])
-        ]
+        mine = (pick["seed"], pick["method"], pick["penalty"])
+        rivals = [r for r in selection if (r["seed"], r["method"], r["penalty"]) == mine]
         assert float(pick["validation_gold_at_max_n"]) == max(float(r["validation_gold_at_max_n"]) for r in rivals)
+        assert sorted(float(r["k"]) for r in rivals if r["added"] == "False") == [1.0, 2.0]
+        added = {float(r["k"]) for r in rivals if r["added"] == "True"}
+        assert len(added) <= 4 and added <= {4.0, 8.0, 16.0, 32.0, 0.5, 0.25, 0.125, 0.0625}
+        # every added k has its reported curve, beside the grid's
+        assert {float(r["k"]) for r in extended if (r["seed"], r["method"], r["penalty"]) == mine} == added
+        if added:
+            ks = ", ".join(f"{k:g}" for k in sorted(added))
+            assert f"grid extended for {pick['method']}/{pick['penalty']}/seed {pick['seed']} to k={ks}" in summary
     assert "LA-rel (std, k chosen on validation)" in summary and "relative within" in summary
+    assert "Hidden-Maha (std, k chosen on validation)" in summary and "Spearman with proxy" in summary
+    with (out / "ranking_correlations.csv").open() as f:
+        correlations = list(csv.DictReader(f))
+    assert len(correlations) == len(picks) and all(-1 <= float(r["spearman_with_penalty"]) <= 1 for r in correlations)
     prompts = json.loads(next((out / "cache").glob("world/prompts.json")).read_text())
     assert len(prompts["eval"]) == 4 and len(prompts["validation"]) == 2
     assert not set(prompts["validation"]) & (set(prompts["eval"]) | set(prompts["train"]))
 
     # A second run reuses every cached stage: nothing is trained or sampled again, the results are the same.
     markers = sorted((out / "cache").rglob("done.json"))
-    assert len(markers) >= 2 + 4 + 1 + 1 + 4  # world, pairs, 2 seeds x 2 proxies, samples, gold, 4 proxy scores
+    # world, pairs, 2 seeds x 2 proxies, samples, gold, 4 proxy scores, 2 seeds x 2 typicality scores, the SFT NLL
+    assert len(markers) >= 2 + 4 + 1 + 1 + 4 + 4 + 1
     stamps = {m: m.stat().st_mtime_ns for m in markers}
     before = (out / "bon_results.csv").read_text()
     run_recipe(RECIPE, "--output_dir", str(out), *TINY)
     assert {m: m.stat().st_mtime_ns for m in markers} == stamps
     assert (out / "bon_results.csv").read_text() == before
+    # Without the baselines, the other methods' curves are the same numbers: their scores live in stages of their own.
+    old = ["MAP", "LA", "LA-rel", "Ens", "Ens-WCO", "Ens-UWO", "LA-Ens", "LA-Ens-rel"]
+    run_recipe(RECIPE, "--output_dir", str(out), *TINY, "--methods", *old)
+    assert {m: m.stat().st_mtime_ns for m in markers} == stamps
+    lines = before.splitlines(keepends=True)
+    assert (out / "bon_results.csv").read_text() == "".join(
+        [lines[0], *(line for line in lines[1:] if line.split(",")[0] in old)]
+    )
 
 
 @pytest.mark.parametrize(
@@ -255,3 +277,70 @@ def test_default_run_keeps_the_cache_keys_of_every_run_so_far():
     })  # fmt: skip
     key = {**map_key(args, training_args, model_args), "seed": member_seed(training_args.seed, 0, 0)}
     assert key_digest(key) == "f18ae078a3"  # cache/maps/seed0-member0-f18ae078a3 of the default run
+
+
+def _synthetic_study(gold_of):
+    """Recipe args (LA only, k grid 1, 2; one seed), and a proxy whose (P, N) scores are random, with the gold a
+    function of them: what `extend_grids` and `ranking_correlations` see in a run."""
+    import numpy as np
+
+    args = (
+        load_recipe("bon")
+        .make_parser()
+        .parse_args_and_config(
+            ["--methods", "MAP", "LA", "--ks", "1", "2", "--seeds", "0", "--num_samples", "64", "--ensemble_size", "1"]
+        )[0]
+    )
+    rng = np.random.default_rng(0)
+    member = {"mean": rng.normal(size=(6, 64)), "var": rng.random((6, 64))}
+    return args, {(0, 0): member}, gold_of(member)
+
+
+def test_a_grid_edge_chosen_on_validation_extends_the_grid_boundedly():
+    from trl_bayes.experiments.best_of_n_study import MAX_GRID_STEPS, compute_curves, extend_grids, grid_step
+
+    assert grid_step([0.5, 1.0, 2.0], 2.0) == 4.0 and grid_step([0.5, 1.0, 2.0], 0.5) == 0.25
+    assert grid_step([0.5, 1.0, 2.0], 1.0) is None and grid_step([0.0, 1.0, 2.0], 0.0) is None
+    assert grid_step([0.0, 1.0, 2.0], 1.0) == 0.5  # the smallest nonzero k: the grid goes on between 0 and it
+    validation = slice(3, 6)
+    # The gold is the proxy: any penalty costs, so validation picks the smallest k, and ever smaller ones tie with it
+    # (the same ranking): the grid is halved MAX_GRID_STEPS times, then stops.
+    args, proxies, gold = _synthetic_study(lambda m: m["mean"])
+    selection, added = extend_grids(args, gold, proxies, validation, compute_curves(args, gold, proxies, validation))
+    std = [r for r in selection if r["penalty"] == "std"]
+    assert [r["k"] for r in std if r["added"]] == [0.0625, 0.125, 0.25, 0.5] and len(added[0]) == 2 * MAX_GRID_STEPS
+    assert next(r["k"] for r in std if r["chosen"]) == 0.0625
+    # The proxy is mostly noise beside a gold that penalizes the std: validation picks the top k, and the grid doubles
+    # (at most MAX_GRID_STEPS times) while the pick stays on top.
+    args, proxies, gold = _synthetic_study(lambda m: -np.sqrt(m["var"]))
+    proxies[0, 0]["mean"] = 0.3 * proxies[0, 0]["mean"]  # validation gold at n = 64 rises up to k = 8, then is flat
+    selection, added = extend_grids(args, gold, proxies, validation, compute_curves(args, gold, proxies, validation))
+    std = [r for r in selection if r["penalty"] == "std"]
+    assert [r["k"] for r in std if r["added"]] == [4.0, 8.0, 16.0]  # 16 ties with 8: the smaller is kept, and inside
+    chosen = next(r for r in std if r["chosen"])
+    assert chosen["k"] == 8.0 and chosen["validation_gold_at_max_n"] == max(r["validation_gold_at_max_n"] for r in std)
+    # An added k's validation gold is what a grid holding it from the start gives.
+    alone = compute_curves(args, gold, proxies, validation, {0: [("LA", "std", chosen["k"])]})
+    assert alone[-1]["gold_reward"] == chosen["validation_gold_at_max_n"]
+    assert ("LA", "std", chosen["k"]) in added[0]
+
+
+def test_ranking_correlations_are_mean_within_prompt_spearman():
+    from scipy.stats import spearmanr
+
+    from trl_bayes.experiments.best_of_n_study import ranking_correlations
+
+    args, proxies, _ = _synthetic_study(lambda m: m["mean"])
+    member = proxies[0, 0]
+    selection = [{"seed": 0, "method": "LA", "penalty": "std", "k": 2.0, "chosen": True},
+                 {"seed": 0, "method": "LA", "penalty": "var", "k": 0.0, "chosen": True},
+                 {"seed": 0, "method": "LA", "penalty": "var", "k": 1.0, "chosen": False}]  # fmt: skip
+    rows = ranking_correlations(args, proxies, selection, slice(0, 4))
+    assert [(r["penalty"], r["k"]) for r in rows] == [("std", 2.0), ("var", 0.0)]
+    final = member["mean"][:4] - 2.0 * np.sqrt(member["var"][:4])
+    with_proxy = np.mean([spearmanr(final[p], member["mean"][p]).statistic for p in range(4)])
+    with_penalty = np.mean([spearmanr(final[p], -np.sqrt(member["var"][p])).statistic for p in range(4)])
+    np.testing.assert_allclose([rows[0]["spearman_with_proxy"], rows[0]["spearman_with_penalty"]],
+                               [with_proxy, with_penalty])  # fmt: skip
+    # k = 0: the ranking is the proxy's, and the penalty is constant (no correlation to speak of).
+    assert rows[1]["spearman_with_proxy"] == pytest.approx(1.0) and np.isnan(rows[1]["spearman_with_penalty"])

@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
 
+import trl_bayes.generation
 from trl_bayes.generation import (
     chunk_seed,
     completion_logprobs,
@@ -18,6 +19,7 @@ from trl_bayes.generation import (
     decode_completions,
     entropy_from_logits,
     generate,
+    lean_settings,
     logprobs_from_logits,
     reference_logprobs,
     tokenize_prompts,
@@ -154,6 +156,132 @@ def test_decode_completions(policy, tokenizer):
     assert not any("<eos>" in t or "<pad>" in t for t in texts)
     messages, _ = decode_completions(tokenizer, out, conversational=True)
     assert messages == [[{"role": "assistant", "content": t}] for t in texts]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The lean loop (`decode`) against `model.generate`: the same tokens, bit for bit, and the same random draws
+
+
+def lora_policy(policy):
+    lora = LoraConfig(
+        task_type="CAUSAL_LM", r=2, lora_alpha=4, target_modules=["query_key_value"], init_lora_weights=False
+    )
+    return get_peft_model(copy.deepcopy(policy), lora)
+
+
+# The policy's config turns the KV cache off (`use_cache=False`), so generate's default here is no cache. Each setup:
+# settings, rows per sub-batch, and the policy ("lora": a random adapter on it; "eos x3": a policy whose greedy
+# completions end some with EOS and some without).
+LEAN_SETUPS = {
+    "best-of-n default (top-k 50, no cache)": (dict(), None, None),
+    "KV cache": (dict(use_cache=True), None, None),
+    "PPO rollouts (temperature, top-k 0, cache, sub-batches)": (
+        dict(top_k=0, top_p=1.0, temperature=0.7, use_cache=True),
+        7,
+        None,
+    ),
+    "top-p": (dict(top_k=0, top_p=0.8, temperature=1.3), None, None),
+    "greedy": (dict(do_sample=False, use_cache=True), 6, "eos x3"),
+    "LoRA policy": (dict(use_cache=True), None, "lora"),
+    "two EOS ids, top-k 10": (dict(eos_token_id=[1, 7], top_k=10, use_cache=True), None, None),
+}
+
+
+def recording_logits(monkeypatch) -> list[torch.Tensor]:
+    """The float32 logits of every step, as both loops hand them to their first logits processor (`RefuseNaNLogits`):
+    equal samples alone would miss a last-bit difference, which rarely moves a draw."""
+    seen = []
+    check = trl_bayes.generation.RefuseNaNLogits.__call__
+    monkeypatch.setattr(
+        trl_bayes.generation.RefuseNaNLogits,
+        "__call__",
+        lambda self, input_ids, scores: seen.append(scores.clone()) or check(self, input_ids, scores),
+    )
+    return seen
+
+
+def generate_with_hf(monkeypatch, *args, **kwargs):
+    """`generate` with the lean loop turned off: every sub-batch through `model.generate`."""
+    with monkeypatch.context() as patch:
+        patch.setattr(trl_bayes.generation, "lean_settings", lambda model, config: None)
+        return generate(*args, **kwargs)
+
+
+@pytest.mark.parametrize("setup", list(LEAN_SETUPS))
+def test_the_lean_loop_samples_what_generate_samples(policy, tokenizer, monkeypatch, setup):
+    settings, batch_size, kind = LEAN_SETUPS[setup]
+    model = {None: policy, "lora": lora_policy(policy), "eos x3": make_policy(tokenizer, eos_scale=3.0)}[kind]
+    config = sampling(tokenizer, max_new_tokens=10, **settings)
+    assert lean_settings(model.get_base_model() if kind == "lora" else model, config) is not None  # what is checked
+    prompt_ids, _ = tokenize_prompts(tokenizer, PROMPTS * 4)
+    assert len({len(ids) for ids in prompt_ids}) > 1  # left padding, so position ids and the mask matter
+    finished = []
+    logits = recording_logits(monkeypatch)
+    for seed in range(4):
+        lean = generate(model, prompt_ids, config, seed=seed, batch_size=batch_size)
+        lean_logits = logits[:]
+        logits.clear()
+        hf = generate_with_hf(monkeypatch, model, prompt_ids, config, seed=seed, batch_size=batch_size)
+        for field in ("completion_ids", "completion_mask", "finished"):
+            assert torch.equal(getattr(lean, field), getattr(hf, field)), (setup, seed, field)
+        assert len(lean_logits) == len(logits) and all(map(torch.equal, lean_logits, logits)), (setup, seed)
+        logits.clear()
+        finished.append(lean.finished)
+    finished = torch.cat(finished)
+    assert finished.any() and not finished.all(), "both endings are compared"
+    # From the global stream (PPO's rollouts): the same tokens, and the stream is left in the same state.
+    torch.manual_seed(11)
+    lean = generate(model, prompt_ids, config, batch_size=batch_size)
+    lean_state = torch.get_rng_state()
+    torch.manual_seed(11)
+    hf = generate_with_hf(monkeypatch, model, prompt_ids, config, batch_size=batch_size)
+    assert torch.equal(lean.completion_ids, hf.completion_ids) and torch.equal(torch.get_rng_state(), lean_state)
+
+
+def test_the_lean_loop_without_padding_and_with_pad_equal_to_eos(policy, tokenizer, monkeypatch):
+    # One prompt length: generate drops the all-ones attention mask, and so does the lean loop.
+    prompt_ids = [tokenize_prompts(tokenizer, PROMPTS[:1])[0][0]] * 6
+    config = sampling(tokenizer, pad_token_id=tokenizer.eos_token_id, use_cache=True)
+    for seed in range(3):
+        lean = generate(policy, prompt_ids, config, seed=seed)
+        hf = generate_with_hf(monkeypatch, policy, prompt_ids, config, seed=seed)
+        assert torch.equal(lean.completion_ids, hf.completion_ids) and torch.equal(lean.finished, hf.finished)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(repetition_penalty=1.2),
+        dict(num_beams=2),
+        dict(min_new_tokens=2),
+        dict(no_repeat_ngram_size=2),
+        dict(max_new_tokens=None, max_length=12),
+        dict(top_k=0, min_p=0.1),
+    ],
+    ids=lambda settings: ",".join(settings),
+)
+def test_settings_the_lean_loop_does_not_cover_go_through_generate(policy, tokenizer, settings):
+    config = sampling(tokenizer, **settings)
+    assert lean_settings(policy, config) is None
+    calls = []
+    spy = copy.deepcopy(policy)
+    original = spy.generate
+    spy.generate = lambda **kwargs: calls.append(kwargs) or original(**kwargs)
+    prompt_ids, _ = tokenize_prompts(tokenizer, PROMPTS[:2])
+    out = generate(spy, prompt_ids, config, seed=0)
+    assert len(calls) == 1 and out.completion_ids.shape[0] == 2
+
+
+def test_covered_settings_never_call_generate(policy, tokenizer):
+    spy = copy.deepcopy(policy)
+
+    def refuse(**kwargs):
+        raise AssertionError("model.generate called for settings the lean loop covers")
+
+    spy.generate = refuse
+    prompt_ids, _ = tokenize_prompts(tokenizer, PROMPTS)
+    generate(spy, prompt_ids, sampling(tokenizer), seed=0)  # Best-of-n's default settings
+    generate(spy, prompt_ids, sampling(tokenizer, top_k=0, temperature=0.7, use_cache=True))  # PPO's
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trl_bayes.curvature import KronCurvature, bradley_terry_weights
+from trl_bayes.curvature import KronCurvature, bradley_terry_weights, low_rank_eigh
 from trl_bayes.laplace_lora import (
     RewardPairModel,
     collate_pairs,
@@ -185,3 +185,34 @@ def test_laplace_backend_has_no_reduce_masked(models, tokenizer):
     la = make_laplace(RewardPairModel(model), "kron", kfac_approx="reduce_masked")
     with pytest.raises(ValueError, match="reduce_masked"):
         fit_laplace(la, pairs, tokenizer.pad_token_id, batch_size=4, laplace_backend=True)
+
+
+def test_low_rank_eigh_equals_dense_eigh():
+    """F = X^T X from n < d rows (one of them zero, as a pair with p(1-p) = 0 gives): the same eigenvalues as
+    `torch.linalg.eigh(F)`, orthonormal eigenvectors, and Q diag(l) Q^T = F."""
+    torch.manual_seed(0)
+    rows = torch.randn(7, 20, dtype=torch.float64)
+    rows[2] = 0
+    values, vectors = low_rank_eigh(rows)
+    factor = rows.T @ rows
+    torch.testing.assert_close(values.sort().values, torch.linalg.eigvalsh(factor), rtol=0, atol=1e-12)
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(20, dtype=torch.float64), rtol=0, atol=1e-13)
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, factor, rtol=0, atol=1e-12)
+
+
+def test_fit_decomposition_equals_laplace_torch_decompose(tokenizer, tmp_path):
+    """The fit eigendecomposes factors with fewer rows than dimensions from their rows (`low_rank_eigh`); the posterior
+    precision is laplace-torch's `Kron.decompose` of the same factors (float64, 10 pairs: 20 rows per factor)."""
+    trainer = make_trainer(
+        tokenizer, tmp_path, num_pairs=10, dtype=torch.float64, model_kwargs=TINY, peft=lora_config(r=2)
+    )
+    la = trainer.fit_posterior().laplace
+    dense = la.H_facs.decompose(damping=la.damping)
+    assert any(len(block[0]) > 20 for block in la.H_facs.kfacs)  # some factor does take the low-rank path
+    for ours, theirs in zip(la.H.eigenvalues, dense.eigenvalues, strict=True):
+        for values, reference in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(
+                values.sort().values, reference.sort().values, rtol=0, atol=1e-10 * reference.abs().max()
+            )
+    prior = la.prior_precision
+    torch.testing.assert_close((la.H + prior).to_matrix(), (dense + prior).to_matrix(), rtol=1e-10, atol=1e-12)

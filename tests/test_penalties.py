@@ -3,6 +3,7 @@ calling the reward; `RewardPredictions` checks its shapes and round-trips throug
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 from trl_bayes.penalties import (
     PENALTY_SCALES,
     UNCERTAINTIES,
+    UNCERTAINTY_FIELDS,
     PenalizedReward,
     Penalty,
     RewardPredictions,
@@ -96,8 +98,20 @@ COMPLETIONS = ["apple pear", "fig fig fig", "saw", "saw saw saw", "hammer", "red
 
 @pytest.fixture(scope="module")
 def full_predictions(members):
-    """Everything a sweep needs, predicted once: relative predictions carry the marginal variances too."""
-    return PenalizedReward(members, penalty="std", uncertainty="relative", batch_size=3).predict(PROMPTS, COMPLETIONS)
+    """Everything a sweep needs, predicted once: relative predictions carry the marginal variances too; the baselines
+    of issue 16 add their fields (hidden_* predicts both distances)."""
+    predict = lambda uncertainty: PenalizedReward(  # noqa: E731
+        members, penalty="std", uncertainty=uncertainty, batch_size=3
+    ).predict(PROMPTS, COMPLETIONS)
+    full, prior, hidden = predict("relative"), predict("prior_relative"), predict("hidden_euclidean")
+    for other in (prior, hidden):  # the same MAP rewards from every path
+        torch.testing.assert_close(other.means, full.means)
+    return dataclasses.replace(
+        full,
+        prior_relative_variances=prior.prior_relative_variances,
+        hidden_euclidean=hidden.hidden_euclidean,
+        hidden_mahalanobis=hidden.hidden_mahalanobis,
+    )
 
 
 @pytest.mark.parametrize("num_members", [1, 2])
@@ -125,7 +139,8 @@ def test_rank_of_predictions_equals_the_callable(members, full_predictions, num_
     torch.testing.assert_close(penalize(predictions, penalty, 0.7, uncertainty, scale), called)
     # Each reward predicts what its penalty needs, and the prompt groups.
     needs_variance = penalty in (Penalty.STD, Penalty.VAR)
-    assert (own.variances is not None) == needs_variance
+    assert (vars(own)[UNCERTAINTY_FIELDS[uncertainty]] is not None) == needs_variance
+    assert (own.variances is not None) == (needs_variance and uncertainty in ("marginal", "relative"))
     assert (own.relative_variances is not None) == (needs_variance and uncertainty == "relative")
     assert torch.equal(own.groups, torch.tensor([0, 0, 1, 1, 1, 2, 2]))
 
@@ -213,3 +228,63 @@ def test_load_fails_loudly_on_mismatch(tmp_path):
         RewardPredictions.load(path)
     with pytest.raises(ValueError, match="Not RewardPredictions.*expected `means`"):
         RewardPredictions.from_state_dict({"variances": torch.zeros(2, 3)})
+
+
+# Issue 16's baselines: squared distances, penalized like variances. Member 0 of HAND's two.
+TYPICAL = dataclasses.replace(
+    HAND.subset([0]),
+    prior_relative_variances=torch.tensor([[4.0, 1.0, 9.0, 0.25]], dtype=torch.float64),
+    hidden_euclidean=torch.tensor([[1.0, 4.0, 0.0, 16.0]], dtype=torch.float64),
+    hidden_mahalanobis=torch.tensor([[9.0, 0.0, 1.0, 4.0]], dtype=torch.float64),
+)
+
+
+@pytest.mark.parametrize("uncertainty", ["prior_relative", "hidden_euclidean", "hidden_mahalanobis"])
+def test_typicality_uncertainties_penalize_their_distance_with_std_and_its_square_with_var(uncertainty, tmp_path):
+    squared = vars(TYPICAL)[UNCERTAINTY_FIELDS[uncertainty]][0]
+    mean = TYPICAL.means[0]
+    torch.testing.assert_close(penalize(TYPICAL, "std", 2.0, uncertainty), mean - 2.0 * squared.sqrt())
+    torch.testing.assert_close(penalize(TYPICAL, "var", 0.5, uncertainty), mean - 0.5 * squared)
+    # saved and loaded with the rest
+    TYPICAL.save(tmp_path / "typical.safetensors")
+    loaded = RewardPredictions.load(tmp_path / "typical.safetensors")
+    assert torch.equal(vars(loaded)[UNCERTAINTY_FIELDS[uncertainty]], vars(TYPICAL)[UNCERTAINTY_FIELDS[uncertainty]])
+    torch.testing.assert_close(penalize(loaded, "std", 1.0, uncertainty, "prompt"),
+                               penalize(TYPICAL, "std", 1.0, uncertainty, "prompt"))  # fmt: skip
+    with pytest.raises(ValueError, match=rf"needs RewardPredictions\.{UNCERTAINTY_FIELDS[uncertainty]}.*"
+                                         rf"uncertainty='{uncertainty}'\)\.predict"):  # fmt: skip
+        penalize(HAND, "std", 1.0, uncertainty)
+    with pytest.raises(ValueError, match=r"hidden_euclidean has shape \(1, 3\)"):
+        RewardPredictions(HAND.means, hidden_euclidean=torch.zeros(1, 3))
+
+
+def test_typicality_uncertainties_are_the_typicality_functions(members):
+    from trl_bayes.typicality import group_euclidean, group_mahalanobis, predict_hidden, predict_prior_relative
+
+    groups = prompt_groups(PROMPTS)
+    prior = PenalizedReward(members, uncertainty="prior_relative", batch_size=3).score(PROMPTS, COMPLETIONS)
+    expected = torch.stack([predict_prior_relative(m, PROMPTS, COMPLETIONS, batch_size=3)[1] for m in members])
+    torch.testing.assert_close(prior["variances"], expected)
+    hidden = PenalizedReward(members, uncertainty="hidden_mahalanobis", batch_size=3).predict(PROMPTS, COMPLETIONS)
+    features = [predict_hidden(m, PROMPTS, COMPLETIONS) for m in members]
+    torch.testing.assert_close(
+        hidden.hidden_mahalanobis, torch.stack([group_mahalanobis(f, groups) for f in features])
+    )
+    torch.testing.assert_close(hidden.hidden_euclidean, torch.stack([group_euclidean(f, groups) for f in features]))
+    assert (hidden.hidden_euclidean > 0).all() and (prior["variances"] > 0).all()
+
+
+@pytest.mark.parametrize("uncertainty", ["prior_relative", "hidden_euclidean", "hidden_mahalanobis"])
+def test_a_reference_set_that_is_the_group_gives_the_groups_scores(members, full_predictions, uncertainty):
+    """PPO scores one completion per prompt against a reference set: when that set is the prompt's completions, each
+    completion gets what it gets when the whole group is scored at once."""
+    reference = {p: [c for q, c in zip(PROMPTS, COMPLETIONS, strict=True) if q == p] for p in set(PROMPTS)}
+    firsts = [PROMPTS.index(p) for p in dict.fromkeys(PROMPTS)]
+    reward = PenalizedReward(members, uncertainty=uncertainty, batch_size=3, reference=reference)
+    single = reward.predict([PROMPTS[i] for i in firsts], [COMPLETIONS[i] for i in firsts])
+    field = UNCERTAINTY_FIELDS[uncertainty]
+    torch.testing.assert_close(vars(single)[field], vars(full_predictions)[field][:, firsts], rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match=rf"uncertainty='{uncertainty}' measures each completion against the other"):
+        PenalizedReward(members, uncertainty=uncertainty).predict(PROMPTS[1:3], COMPLETIONS[1:3])
+    with pytest.raises(ValueError, match="`reference` is the group.*not 'marginal'"):
+        PenalizedReward(members, uncertainty="marginal", reference=reference)

@@ -46,12 +46,19 @@ def test_offline_smoke_run_writes_results_and_reruns_from_cache(tmp_path):
     assert {m: m.stat().st_mtime_ns for m in markers} == stamps
     assert (out / "ppo_results.csv").read_text() == before
 
-    # The relative variance: each completion centered on K reference-policy samples of its prompt, drawn once. Only
-    # the LA run is new; world, pairs, proxies and the MAP run come from the cache.
-    flags = [f for f in TINY if f != "LA-Ens"] + ["--uncertainty", "relative", "--num_reference_samples", "3"]
+    # The relative variance: each completion centered on K reference-policy samples of its prompt, drawn once; LA-rel
+    # always uses it; Ens-UWO penalizes the variance of the 2 MAP members. Only the LA, LA-rel and Ens-UWO runs are
+    # new; world, pairs, proxies and the MAP run come from the cache. A KL penalty runs in folders of its own.
+    methods = TINY.index("LA-Ens")
+    flags = [*TINY[:methods], "LA-rel", "Ens-UWO", *TINY[methods + 1 :], "--uncertainty", "relative",
+             "--num_reference_samples", "3", "--kl_coef", "0"]  # fmt: skip
     run_recipe(RECIPE, "--output_dir", str(out), *flags)
     summary = (out / "summary.md").read_text()
     assert "| LA (std, k=1, relative) |" in summary
+    assert "| LA-rel (std, k=1) |" in summary and "| Ens-UWO (uwo, k=1) |" in summary
+    with (out / "ppo_results.csv").open() as f:
+        penalties = {r["method"]: r["penalty"] for r in csv.DictReader(f)}
+    assert penalties == {"MAP": "none", "LA": "std", "LA-rel": "std", "Ens-UWO": "uwo"}
     reference = json.loads((out / "cache" / "reference_samples" / "reference.json").read_text())
     prompts = json.loads((out / "cache" / "world" / "prompts.json").read_text())
     assert set(reference) == set(prompts["train"]) | set(prompts["eval"])
@@ -68,6 +75,8 @@ def test_offline_smoke_run_writes_results_and_reruns_from_cache(tmp_path):
         (["--penalty", "cube"], "--penalty 'cube'"),
         (["--uncertainty", "absolute"], "--uncertainty 'absolute'"),
         (["--methods", "LA-Ens", "--ensemble_size", "1"], "LA-Ens needs >= 2 members"),
+        (["--methods", "MAP", "Ens-UWO", "--ensemble_size", "1"], "Ens-UWO needs >= 2 members"),
+        (["--methods", "LA-rel", "--num_reference_samples", "0"], "--num_reference_samples must be >= 1"),
         (["--ppo_batch_size", "48"], "--ppo_batch_size 48 must be a multiple"),
         (["--gold_reward", "/no/such/gold-rm"], "--gold_reward /no/such/gold-rm"),
         (["--output_dir", "/proc/no-write/ppo"], "Cannot write to output_dir"),
@@ -75,6 +84,24 @@ def test_offline_smoke_run_writes_results_and_reruns_from_cache(tmp_path):
 )
 def test_bad_configuration_fails_before_any_work(tmp_path, flags, message):
     assert_fails_before_any_work(RECIPE, tmp_path, flags, message)
+
+
+def test_baseline_methods_need_their_penalized_reward_option(monkeypatch):
+    """A typicality baseline runs through `PenalizedReward(uncertainty=...)`: without that option (before issue 16's
+    baselines land) the recipe stops with the option's name and the fix; with it, the check passes."""
+    import trl_bayes.penalties
+    from trl_bayes.experiments.ppo_study import BASELINE_UNCERTAINTIES, check_baselines_available
+
+    monkeypatch.setattr(trl_bayes.penalties, "UNCERTAINTIES", ("marginal", "relative"))
+    with pytest.raises(
+        ValueError, match=r"--methods Hidden-Maha needs PenalizedReward\(uncertainty='hidden_mahalanobis'\)"
+    ):
+        check_baselines_available(["MAP", "LA-rel", "Hidden-Maha"])
+    check_baselines_available(["MAP", "LA", "LA-rel", "LA-Ens", "Ens-UWO"])  # no baseline: nothing to check
+    monkeypatch.setattr(
+        trl_bayes.penalties, "UNCERTAINTIES", ("marginal", "relative", *BASELINE_UNCERTAINTIES.values())
+    )
+    check_baselines_available(["Prior-rel", "Hidden-Euc", "Hidden-Maha"])
 
 
 def test_paper_config_parses_into_the_paper_plan(tmp_path):

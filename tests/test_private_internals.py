@@ -272,6 +272,39 @@ def test_transformers_input_require_grads_hook_name(tokenizer):
     )
 
 
+def test_transformers_generation_config_merge_and_dynamic_cache(tokenizer):
+    """`model._prepare_generation_config(config)` returns (the merged settings `model.generate` decodes with, the
+    leftover model kwargs), filling what the call leaves unset from the model's own `generation_config`; and
+    `model._supports_default_dynamic_cache()` says whether a `DynamicCache` may be passed. `generation.lean_settings`
+    calls both, as `model.generate` does, to decide whether the lean loop reproduces generate's tokens."""
+    from transformers import GenerationConfig, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+    )
+    model = GPTNeoXForCausalLM(config)
+    model.generation_config.top_k = 7
+    used_by = "trl_bayes.generation.lean_settings (the lean sampling loop)"
+    merged = getattr(model, "_prepare_generation_config", None)
+    require(callable(merged), "transformers", "GenerationMixin._prepare_generation_config", used_by)
+    settings, model_kwargs = merged(GenerationConfig(do_sample=True, max_new_tokens=5, temperature=0.7))
+    require(
+        isinstance(settings, GenerationConfig)
+        and (settings.top_k, settings.temperature, settings.max_new_tokens, settings.do_sample) == (7, 0.7, 5, True)
+        and model_kwargs == {},
+        "transformers",
+        "GenerationMixin._prepare_generation_config (returns (merged GenerationConfig, model kwargs))",
+        used_by,
+    )
+    supports = getattr(model, "_supports_default_dynamic_cache", None)
+    require(
+        callable(supports) and supports() is True,
+        "transformers",
+        "GenerationMixin._supports_default_dynamic_cache (True for GPT-NeoX)",
+        used_by,
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # PyTorch and DeepSpeed
 

@@ -54,6 +54,7 @@ def test_table_uses_each_seeds_validation_k_and_pairs_differences_with_map(study
         "best": [2.5, 2.0],
         "k": [1, 2],
         "n_max": 4,
+        "validation": [0.0, 0.0],  # the validation gold at each seed's chosen k (write_run's: 0)
     }
     rows = {(r["method"], r["penalty"]): r for r in study.table_rows(results, [0, 1])}
     la = rows["LA", "std"]
@@ -121,3 +122,61 @@ def test_diagnostics_name_the_most_overrated_class_and_average_over_seeds(study,
         "| lists | sft | default | marginal | +0.200 | +0.300 | repetition | +1.500 | -0.700 |"
         in (tmp_path / "study.md").read_text()
     )
+
+
+def test_best_baseline_is_chosen_on_validation_and_every_method_is_paired_with_it(study, tmp_path):
+    """Hidden-Euc has the better reported gold but Hidden-Maha the better validation gold: Hidden-Maha is the best
+    baseline. Each row gets paired Δ to MAP's best n, to Prior-rel (same penalty) and to that baseline."""
+    gold = {
+        ("MAP", "none", "0.0", "0"): [1.0, 2.0, 0.5],
+        ("MAP", "none", "0.0", "1"): [1.0, 1.5, 0.0],
+        ("LA-rel", "std", "1.0", "0"): [1.0, 2.5, 2.5],
+        ("LA-rel", "std", "1.0", "1"): [1.0, 2.0, 1.5],
+        ("Prior-rel", "std", "1.0", "0"): [1.0, 2.0, 2.0],
+        ("Prior-rel", "std", "1.0", "1"): [1.0, 2.0, 2.0],
+        ("Hidden-Euc", "std", "1.0", "0"): [1.0, 5.0, 5.0],  # the best reported gold, the worse validation gold
+        ("Hidden-Euc", "std", "1.0", "1"): [1.0, 5.0, 5.0],
+        ("Hidden-Maha", "std", "1.0", "0"): [1.0, 3.0, 3.0],
+        ("Hidden-Maha", "std", "1.0", "1"): [1.0, 1.0, 1.0],
+    }
+    write_run(tmp_path / "run", gold, {})
+    validation = {"LA-rel": 2.0, "Prior-rel": 2.0, "Hidden-Euc": 1.0, "Hidden-Maha": 3.0}
+    with (tmp_path / "run" / "k_selection.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["seed", "method", "penalty", "k", "validation_gold_at_max_n", "chosen", "added"])
+        for method, value in validation.items():
+            for seed in ("0", "1"):
+                writer.writerow([seed, method, "std", "1.0", value, True, False])
+    results = {("rare", "sft", "default"): study.run_results(tmp_path / "run", [0, 1])}
+    rows = {(r["method"], r["penalty"]): r for r in study.table_rows(results, [0, 1])}
+    la_rel = rows["LA-rel", "std"]
+    assert la_rel["best_baseline"] == "Hidden-Maha std"
+    # LA-rel at n = 4: [2.5, 1.5]; MAP's best n: [2.0, 1.5] -> Δ [0.5, 0.0]; Prior-rel [2.0, 2.0] -> Δ [0.5, -0.5];
+    # Hidden-Maha [3.0, 1.0] -> Δ [-0.5, 0.5]; at the best n: LA-rel [2.5, 2.0] - Hidden-Maha [3.0, 1.0] = [-0.5, 1.0].
+    assert (la_rel["delta_map_best_n_mean"], la_rel["delta_map_best_n_std"]) == pytest.approx((0.25, 0.25))
+    assert (la_rel["delta_prior_last_mean"], la_rel["delta_prior_last_std"]) == pytest.approx((0.0, 0.5))
+    assert (la_rel["delta_baseline_last_mean"], la_rel["delta_baseline_last_std"]) == pytest.approx((0.0, 0.5))
+    assert la_rel["delta_baseline_best_mean"] == pytest.approx(0.25)
+    assert rows["Hidden-Maha", "std"]["delta_baseline_last_mean"] == 0.0
+    study.write_markdown(tmp_path / "study.md", list(rows.values()), "small", [0, 1])
+    markdown = (tmp_path / "study.md").read_text()
+    assert "Best typicality baseline (on validation): Hidden-Maha std." in markdown
+    assert "| default | LA-rel | std | +2.000 ± 0.500 | +1.750 ± 0.250 |" in markdown
+
+
+def test_plan_covers_three_worlds_the_baselines_and_five_seeds(study, capsys, tmp_path):
+    """`--options default`: 3 worlds x 2 backbones, one run each with every method and 5 seeds; bon.py accepts the rare
+    world's run (its own dry run checks the flags)."""
+    from tests.recipe_runs import RECIPES, run_recipe
+
+    study.main(["--dry_run", "--options", "default", "--output_dir", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6
+    assert sorted(line.split("--world ")[1].split()[0] for line in lines) == sorted(study.WORLDS * 2)
+    assert set(study.WORLDS) == {"lists", "off_topic", "rare"}
+    for line in lines:
+        assert "--methods MAP LA LA-rel Ens LA-Ens LA-Ens-rel Prior-rel Hidden-Euc Hidden-Maha SFT-NLL" in line
+        assert "--seeds 0 1 2 3 4 " in line
+    flags = next(line for line in lines if "--world rare" in line and "minilm" not in line).split()[2:]
+    result = run_recipe(RECIPES / "bon.py", *flags, "--dry_run", "true", "--output_dir", str(tmp_path / "bon"))
+    assert "Best-of-N plan:" in result.stdout

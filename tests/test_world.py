@@ -9,8 +9,11 @@ import pytest
 
 from trl_bayes.experiments.world import (
     CATEGORIES,
+    CLOSED_LIST_BONUS,
+    World,
     WorldConfig,
     build_tokenizer,
+    closes_list,
     gold_reward,
     gold_score,
     label_pairs,
@@ -18,6 +21,8 @@ from trl_bayes.experiments.world import (
     off_topic_gold_reward,
     off_topic_gold_score,
     prompt_category,
+    rare_gold_reward,
+    rare_gold_score,
     response_classes,
     split_prompts,
     world_config,
@@ -129,3 +134,45 @@ def test_the_old_import_path_names_the_same_objects():
     }
     assert set(old.__all__) == public
     assert all(getattr(old, name) is getattr(world, name) for name in public)
+
+
+def test_rare_world_gold_of_each_class():
+    """World 3: world 1's gold plus +3 for a closed list ("... and <new item>") after at least one earlier item."""
+    assert rare_gold_score("fruits", "apple pear plum") == 3.0  # a typical plain list: world 1's gold
+    assert rare_gold_score("fruits", "apple pear and plum") == 3.0 + CLOSED_LIST_BONUS  # the rare best form
+    assert rare_gold_score("fruits", "apple pear plum fig grape lemon and mango") == 7.0 + 3.0
+    assert rare_gold_score("fruits", "apple apple and pear") == 1.0 - 1.0 + 1.0 + 3.0  # closed, with a repeat
+    # Not closed: no item after "and", none before it, an item of another category, or an earlier item again.
+    assert not closes_list("fruits", "apple pear and")
+    assert rare_gold_score("fruits", "the and apple") == 1.0
+    assert rare_gold_score("fruits", "apple and hammer") == 1.0 - 0.5
+    assert rare_gold_score("fruits", "apple pear and apple") == 2.0 - 1.0
+    # The exploits of world 1 score as there: repetition, off-topic padding, short answers.
+    assert rare_gold_score("fruits", "apple apple apple apple") == gold_score("fruits", "apple apple apple apple")
+    assert rare_gold_score("fruits", "saw red apple") == gold_score("fruits", "saw red apple") == 0.0
+    assert rare_gold_reward(["name some tools : "], ["saw drill and clamp"]) == [6.0]
+    assert world_gold_reward("rare") is rare_gold_reward and World("rare") is World.RARE
+    # Worlds 1 and 2 close no list on purpose (their demonstrations, and caches, stay as they were).
+    assert world_config("lists").p_closed_list == world_config("off_topic").p_closed_list == 0.0
+    with pytest.raises(ValueError, match="p_closed_list"):
+        WorldConfig(p_closed_list=1.5)
+
+
+def test_rare_world_demonstrations_make_the_best_answers_rare():
+    """The SFT policy's demonstrations close a list rarely (about 3%: 2% on purpose, the rest by chance), and those are
+    worth about 3.5 gold more than the typical demonstration, which is a mediocre plain list."""
+    config = world_config("rare", num_demonstrations=6000)
+    demos = make_demonstrations(split_prompts(config)[0], config)
+    categories = [prompt_category(p) for p in demos["prompt"]]
+    closed = [closes_list(c, d) for c, d in zip(categories, demos["completion"], strict=True)]
+    gold = rare_gold_reward(demos["prompt"], demos["completion"])
+    frequency = sum(closed) / len(closed)
+    assert 0.015 < frequency < 0.05, frequency
+    mean_closed = sum(g for g, c in zip(gold, closed, strict=True) if c) / sum(closed)
+    mean_other = sum(g for g, c in zip(gold, closed, strict=True) if not c) / (len(closed) - sum(closed))
+    assert mean_closed > mean_other + 2.5 and mean_other < 2.5, (mean_closed, mean_other)
+    # World 1's demonstrations, from the same word distribution, close a list only by chance.
+    lists = world_config("lists", num_demonstrations=6000)
+    plain = make_demonstrations(split_prompts(lists)[0], lists)
+    by_chance = sum(closes_list(prompt_category(p), d) for p, d in zip(*plain[:].values(), strict=True)) / len(plain)
+    assert by_chance < frequency - 0.01, (by_chance, frequency)

@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 # Each public name and the submodule that holds it.
 _MODULES = {
+    "active": ["CandidatePool", "SelectionStrategy", "select_pairs"],
     "best_of_n": ["BestOfNOutput", "BestOfNSampler", "best_of_n_estimate", "kl_best_of_n"],
     "evaluation": ["evaluate_policy"],
     "generation": ["GenerationOutput", "chunk_seed", "generate", "tokenize_prompts", "tokenize_response"],
@@ -39,6 +40,7 @@ _MODULES = {
     "reward_model": ["BayesianRewardModel"],
     "reward_trainer": ["BayesianRewardTrainer"],
     "rlhf": ["AdaptiveKLController"],
+    "typicality": ["PriorScale", "completion_nll", "group_euclidean", "group_mahalanobis", "hidden_features"],
 }
 _HOME = {name: module for module, names in _MODULES.items() for name in names}
 
@@ -49,6 +51,7 @@ __all__ = [
     "BayesianRewardTrainer",
     "BestOfNOutput",
     "BestOfNSampler",
+    "CandidatePool",
     "Curvature",
     "GenerationOutput",
     "HessianStructure",
@@ -58,24 +61,32 @@ __all__ = [
     "PenalizedReward",
     "Penalty",
     "PriorPrecisionMethod",
+    "PriorScale",
     "RewardPredictions",
+    "SelectionStrategy",
     "SubsetOfWeights",
     "best_of_n_estimate",
     "chunk_seed",
     "combine_gaussians",
+    "completion_nll",
     "evaluate_policy",
     "generate",
+    "group_euclidean",
+    "group_mahalanobis",
+    "hidden_features",
     "kl_best_of_n",
     "penalize",
     "penalized_reward",
     "preference_format",
     "preference_pairs",
     "prompt_groups",
+    "select_pairs",
     "tokenize_prompts",
     "tokenize_response",
 ]
 
 if TYPE_CHECKING:
+    from .active import CandidatePool, SelectionStrategy, select_pairs
     from .best_of_n import BestOfNOutput, BestOfNSampler, best_of_n_estimate, kl_best_of_n
     from .enums import Curvature, HessianStructure, KFACApprox, PriorPrecisionMethod, SubsetOfWeights
     from .evaluation import evaluate_policy
@@ -96,6 +107,7 @@ if TYPE_CHECKING:
     from .reward_model import BayesianRewardModel
     from .reward_trainer import BayesianRewardTrainer
     from .rlhf import AdaptiveKLController
+    from .typicality import PriorScale, completion_nll, group_euclidean, group_mahalanobis, hidden_features
 
 
 def __getattr__(name: str) -> Any:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 from laplace.baselaplace import DiagLaplace, FullLaplace, KronLaplace
+from laplace.utils import KronDecomposed
+from laplace.utils.utils import symeig
 
 from .per_sample import LaplaceLayer, layer_gradients, pair_difference
 
@@ -48,6 +50,32 @@ def real_token_mean(inputs: torch.Tensor, attention_mask: torch.Tensor) -> torch
     return torch.bmm(mask.unsqueeze(1), inputs).squeeze(1) / mask.sum(1, keepdim=True)
 
 
+def low_rank_eigh(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of F = rows^T rows from its n < d rows, at a fraction of `torch.linalg.eigh(F)`'s cost.
+
+    A reduce K-FAC factor is a sum of one outer product per sequence, so with fewer sequences than dimensions (a LoRA B
+    factor's 3 x hidden outputs) it has rank n < d. With rows^T = Q [R; 0] (Householder QR, Q orthogonal `(d, d)`),
+    F = Q [R R^T, 0; 0, 0] Q^T: only the `(n, n)` block R R^T needs an eigendecomposition, and the last d - n columns
+    of Q span F's null space (eigenvalue 0). Q comes from applying the reflectors to the identity (`torch.ormqr`, matrix
+    products), not from the dense eigensolver's tridiagonalisation: about 10x faster at d = 1536, n = 128.
+
+    Args:
+        rows: `(n, d)`, n < d.
+
+    Returns:
+        eigenvalues `(d,)` (the n of R R^T, then d - n zeros) and orthonormal eigenvectors `(d, d)` as columns, like
+        `torch.linalg.eigh` up to the order and the basis of the null space (any basis of it serves: its eigenvalues
+        are equal).
+    """
+    n, d = rows.shape
+    reflectors, tau = torch.geqrf(rows.T)
+    q = torch.ormqr(reflectors, tau, torch.eye(d, dtype=rows.dtype, device=rows.device))
+    r = reflectors[:n].triu()
+    values, vectors = torch.linalg.eigh(r @ r.T)
+    q[:, :n] = q[:, :n] @ vectors  # rotate the range's basis onto R R^T's eigenvectors, in place (no d x d copy)
+    return torch.cat([values, values.new_zeros(d - n)]), q
+
+
 class KronCurvature:
     """Accumulates the K-FAC of the Bradley-Terry GGN from the streamed layer inputs a and output gradients g, in
     laplace-torch's layout and scaling (curvlinops' `KFACLinearOperator`, type-2 Fisher, `reduction="sum"`, then
@@ -73,6 +101,9 @@ class KronCurvature:
 
     A bias gets the one-factor block G. The factors add up over batches and processes as laplace-torch adds them
     (`Kron.__add__`).
+
+    While a factor has seen fewer rows (outer products) than its dimension, the rows are kept too, so that `decompose`
+    can take its eigendecomposition from them (`low_rank_eigh`): at most d x d floats per factor, the factor's own size.
     """
 
     def __init__(self, la: KronLaplace, kfac_approx: str, n_data: int):
@@ -82,18 +113,29 @@ class KronCurvature:
         self.n_data = n_data
         self.attention_mask: torch.Tensor | None = None
         self.factors: dict[int, list[torch.Tensor]] = {}
+        # (parameter index, factor position) -> the rows whose outer products sum to the factor; None once they are
+        # as many as its dimension (the dense eigensolver is then as cheap).
+        self.rows: dict[tuple[int, int], list[torch.Tensor] | None] = {}
         self.dtype, self.device = la._dtype, la._device
 
     def set_batch(self, attention_mask: torch.Tensor) -> None:
         """The attention mask `(B, L)` of the next forward (rows as the model sees them): which tokens are real."""
         self.attention_mask = attention_mask
 
-    def _add(self, index: int, factors: list[torch.Tensor]) -> None:
+    def _add(self, index: int, factors: list[torch.Tensor], rows: list[torch.Tensor]) -> None:
+        """Add `factors` (each rows^T rows of its `(n, dim)` rows) to those of parameter `index`; keep the rows while
+        they are fewer than the dimension."""
         if index in self.factors:
             for total, factor in zip(self.factors[index], factors, strict=True):
                 total += factor
         else:
             self.factors[index] = factors
+        for position, r in enumerate(rows):
+            kept = self.rows.get((index, position), [])
+            if kept is not None and sum(map(len, kept)) + len(r) < r.shape[1]:
+                self.rows[(index, position)] = [*kept, r.to(self.dtype)]
+            else:
+                self.rows[(index, position)] = None
 
     def _input_mean(self, layer: LaplaceLayer, inputs: torch.Tensor) -> torch.Tensor:
         """m_s of "reduce_masked", `(B, in)`."""
@@ -119,9 +161,9 @@ class KronCurvature:
             g, a = output_grads.sum(1), self._input_mean(layer, inputs) / self.n_data**0.5
         gradient_factor = (g.T @ g).to(self.dtype)
         if layer.weight_index is not None:
-            self._add(layer.weight_index, [gradient_factor, (a.T @ a).to(self.dtype)])
+            self._add(layer.weight_index, [gradient_factor, (a.T @ a).to(self.dtype)], [g, a])
         if layer.bias_index is not None:
-            self._add(layer.bias_index, [gradient_factor.clone()])
+            self._add(layer.bias_index, [gradient_factor.clone()], [g])
 
     def kfacs(self, params: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
         """The factors in laplace-torch's `Kron` layout and parameter order; zeros for weights without data."""
@@ -132,6 +174,23 @@ class KronCurvature:
             else:  # [out x out, in x in] for a weight, [p x p] for a bias
                 kfacs.append([torch.zeros(n, n, dtype=self.dtype, device=self.device) for n in p.shape])
         return kfacs
+
+    def decompose(self, params: Sequence[torch.Tensor], damping: bool = False) -> KronDecomposed:
+        """The eigendecomposition of `kfacs(params)` that laplace-torch's `Kron.decompose` gives (its `symeig` per
+        factor), equal up to round-off and the basis of null spaces; from the kept rows where a factor has fewer rows
+        than its dimension (`low_rank_eigh`)."""
+        eigenvectors, eigenvalues = [], []
+        for index, block in enumerate(self.kfacs(params)):
+            pairs = []
+            for position, factor in enumerate(block):
+                rows = self.rows.get((index, position))
+                rows = None if rows is None else torch.cat(rows)
+                # Non-finite rows go to laplace-torch's symeig, whose failure `eigendecomposition_errors_raise` explains.
+                finite = rows is not None and bool(torch.isfinite(rows).all())
+                pairs.append(low_rank_eigh(rows) if finite else symeig(factor))
+            eigenvalues.append([values for values, _ in pairs])
+            eigenvectors.append([vectors for _, vectors in pairs])
+        return KronDecomposed(eigenvectors, eigenvalues, damping=damping)
 
 
 class ExactGGN:

@@ -3,14 +3,18 @@ prompts for the policy, with chat templates), the one sampling loop (`generate`)
 of the sampled tokens.
 
 Best-of-n (`BestOfNSampler`), PPO's rollouts and the held-out evaluation of PPO and GRPO (`evaluate_policy`) all sample
-through `generate`, so they tokenize, pad, seed and cut completions the same way. Shapes: B sequences, P prompt tokens
-(left-padded), T completion tokens (the completion mask marks the tokens up to and including the first EOS), V the
-vocabulary.
+through `generate`, so they tokenize, pad, seed and cut completions the same way. `generate` decodes with `decode`, a
+lean loop that reproduces `model.generate` token for token under plain sampling and greedy settings (`lean_settings`
+says which), and hands any other setting (beam search, repetition penalty, ...) to `model.generate` itself.
+
+Shapes: B sequences, P prompt tokens (left-padded), T completion tokens (the completion mask marks the tokens up to and
+including the first EOS), V the vocabulary.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +22,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
+from peft import PeftModel, PeftType
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    GenerationMixin,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation import GenerationMode
 from trl.data_utils import _tokenize
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -187,6 +202,152 @@ def eos_token_ids(generation_config: GenerationConfig) -> list[int]:
     return [t for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
 
 
+# Settings that `decode` leaves out, each with the values at which `model.generate` builds no logits processor or
+# stopping rule for it (transformers 5.x `_get_logits_processor`, `_get_stopping_criteria`). A config that sets any of
+# them to another value is decoded by `model.generate` itself.
+_OFF = {
+    "guidance_scale": (None, 1.0),
+    "sequence_bias": (None,),
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "remove_invalid_values": (None, False),
+    "exponential_decay_length_penalty": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "top_h": (None,),
+    "min_p": (None,),
+    "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+    "watermarking_config": (None,),
+    "renormalize_logits": (None, False),
+    "max_time": (None,),
+    "stop_strings": (None,),
+    "token_healing": (None, False),
+    "cache_implementation": (None,),
+    "prefill_chunk_size": (None,),
+    "num_return_sequences": (None, 1),
+    "is_assistant": (None, False),
+}
+
+
+def lean_settings(model: torch.nn.Module, generation_config: GenerationConfig) -> GenerationConfig | None:
+    """The settings `model.generate` would decode with (`generation_config`, then the model's own
+    `generation_config` for what it leaves unset, then transformers' defaults), if `decode` reproduces its tokens for
+    them; `None` if not (beam search, repetition penalty, stop strings, ... or a model whose generation inputs
+    differ from the causal LM's), and then `model.generate` decodes.
+
+    Args:
+        model: a causal LM with whole weights (a PEFT policy: its base model, the adapter injected in it).
+    """
+    if not isinstance(model, GenerationMixin) or model.config.is_encoder_decoder:
+        return None
+    # A model that builds its own generation inputs (multimodal, prompt tuning) is decoded by `model.generate`.
+    if type(model).prepare_inputs_for_generation is not GenerationMixin.prepare_inputs_for_generation:
+        return None
+    accepted = inspect.signature(model.forward).parameters
+    if not {"attention_mask", "position_ids", "logits_to_keep"} <= accepted.keys():
+        return None
+    # Only mps defers generate's stop check by a step (one more sample drawn, then undone).
+    if model.device.type == "mps":
+        return None
+    # Two private transformers internals, both what `model.generate` itself calls: the merge of the settings, and
+    # whether the model takes a `DynamicCache` (test_generation.py's equality tests fail if either changes meaning).
+    settings, model_kwargs = model._prepare_generation_config(generation_config)
+    if settings.get_generation_mode() not in (GenerationMode.SAMPLE, GenerationMode.GREEDY_SEARCH) or model_kwargs:
+        return None
+    if settings.max_new_tokens is None or settings.max_new_tokens < 1:
+        return None
+    if any(getattr(settings, name) not in off for name, off in _OFF.items()):
+        return None
+    if settings.use_cache and not model._supports_default_dynamic_cache():
+        return None
+    return settings
+
+
+def sampling_processors(settings: GenerationConfig) -> list[LogitsProcessor]:
+    """The logits processors `model.generate` applies under `settings` (those `lean_settings` accepts), in its order:
+    ours (`RefuseNaNLogits`) after transformers' own (none under these settings), then the sampling warpers."""
+    processors: list[LogitsProcessor] = [RefuseNaNLogits()]
+    if settings.do_sample:
+        if settings.temperature is not None and settings.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_k is not None and settings.top_k != 0:
+            processors.append(TopKLogitsWarper(top_k=settings.top_k, min_tokens_to_keep=1))
+        if settings.top_p is not None and settings.top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p=settings.top_p, min_tokens_to_keep=1))
+    return processors
+
+
+@torch.inference_mode()
+def decode(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: GenerationConfig
+) -> torch.Tensor:
+    """`model.generate(input_ids, attention_mask, settings)`'s output, token for token, without its per-call and
+    per-step generality: the same forward calls (inputs, position ids, mask, cache, `logits_to_keep=1`), the same
+    logits processors in the same order on the same float32 logits, the same draws (`torch.multinomial` on the
+    softmax; argmax when greedy), the same padding of finished rows and the same stop rule. tests/test_generation.py
+    checks the equality.
+
+    Runs in inference mode (generate's `no_grad` plus no autograd bookkeeping: the same numbers, less time per step);
+    its output is an inference tensor, to be copied before autograd saves it.
+
+    Args:
+        model: a causal LM that `lean_settings` accepts.
+        input_ids, attention_mask: `(B, P)` left-padded prompts.
+        settings: what `lean_settings` returned.
+
+    Returns:
+        `(B, P + T)` prompts and samples (T <= `max_new_tokens`; rows that ended earlier are padded).
+    """
+    processors = sampling_processors(settings)
+    eos = torch.tensor(eos_token_ids(settings), device=input_ids.device)
+    # As generate: position ids count each prompt's tokens from its first non-pad one; a mask of ones is left out.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    mask = None if bool((attention_mask == 1).all()) else attention_mask
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True)) if settings.use_cache else None
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    step_ids, step_positions, last_position = input_ids, position_ids, position_ids[:, -1:]
+    for _ in range(settings.max_new_tokens):
+        outputs = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=step_positions,
+            logits_to_keep=1,
+            use_cache=settings.use_cache,
+            return_dict=True,
+            **({"cache": cache} if cache is not None else {}),
+        )
+        scores = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
+        for processor in processors:
+            scores = processor(input_ids, scores)
+        if settings.do_sample:
+            tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            tokens = torch.argmax(scores, dim=-1)
+        tokens = torch.where(unfinished, tokens, settings.pad_token_id)  # finished rows get padding
+        input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+        last_position = last_position + 1
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        unfinished = unfinished & ~torch.isin(tokens, eos)
+        if not unfinished.any():
+            break
+        if cache is not None:  # only the new token goes in
+            step_ids, step_positions = input_ids[:, -1:], last_position
+        else:  # the whole sequence again
+            position_ids = torch.cat([position_ids, last_position], dim=-1)
+            step_ids, step_positions = input_ids, position_ids
+    return input_ids
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -210,7 +371,7 @@ def generate(
         seed: sample under this seed in a forked RNG, leaving the caller's RNG state as it was (`chunk_seed` per
             chunk makes samples independent of the number of processes). `None`: draw from the global RNG stream
             (PPO's rollouts, whose RNG state is checkpointed).
-        batch_size: rows per `model.generate` call (memory); `None` = all at once. Part of what the samples depend on.
+        batch_size: rows decoded together (memory); `None` = all at once. Part of what the samples depend on.
 
     Returns:
         A `GenerationOutput` on the model's device.
@@ -227,6 +388,14 @@ def generate(
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     rows = input_ids.shape[0]
     step = batch_size or rows
+    # The lean loop where it reproduces `model.generate` exactly (a LoRA policy: its base model, adapter injected),
+    # `model.generate` itself for any other setting or model.
+    causal_lm = model
+    if isinstance(model, PeftModel):
+        peft_config = model.active_peft_config
+        decoded_by_peft = peft_config.is_prompt_learning or peft_config.peft_type == PeftType.POLY
+        causal_lm = None if decoded_by_peft else model.get_base_model()
+    settings = lean_settings(causal_lm, generation_config) if causal_lm is not None else None
     completions, masks, finished = [], [], []
     forked = contextlib.nullcontext()
     if seed is not None:
@@ -236,13 +405,17 @@ def generate(
         if seed is not None:
             torch.manual_seed(seed)
         for start in range(0, rows, step):
-            output = model.generate(
-                input_ids=input_ids[start : start + step],
-                attention_mask=attention_mask[start : start + step],
-                generation_config=generation_config,
-                logits_processor=LogitsProcessorList([RefuseNaNLogits()]),
-                synced_gpus=False,
-            )
+            ids, att = input_ids[start : start + step], attention_mask[start : start + step]
+            if settings is not None:
+                output = decode(causal_lm, ids, att, settings).clone()  # a normal tensor again (for autograd)
+            else:
+                output = model.generate(
+                    input_ids=ids,
+                    attention_mask=att,
+                    generation_config=generation_config,
+                    logits_processor=LogitsProcessorList([RefuseNaNLogits()]),
+                    synced_gpus=False,
+                )
             new = output[:, input_ids.shape[1] :]
             # The mask of each sub-batch before padding them to one length: padding is never part of a completion.
             mask, done = completion_mask(new, eos)

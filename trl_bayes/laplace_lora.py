@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .batching import token_budget_batches
 from .curvature import ExactGGN, KronCurvature, bradley_terry_weights
 
 # The options moved to `enums`; importing them from here keeps working (the trainer and older user code do).
@@ -164,17 +165,59 @@ def collate_pairs(pairs: Sequence[tuple[list[int], list[int]]], pad_token_id: in
     }
 
 
-def shard_batches(num_pairs: int, batch_size: int, process_index: int, num_processes: int) -> list[list[int]]:
+def pair_batches(pair_lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """The global batches of the posterior fit (or of the grid search's held-out pairs): consecutive pairs, in order.
+
+    A batch of B pairs is padded to `(2B, L)`, L its longest row, so a pair counts 2 x its longer row against the
+    budget, as `BayesianRewardModel.predict_pair_ids` counts it.
+
+    Args:
+        pair_lengths: `(N,)` tokens of each pair's longer row, `max(len(chosen), len(rejected))`.
+        batch_size: pairs per batch when `max_tokens` is `None` (`posterior_batch_size`).
+        max_tokens: padded tokens per batch (`posterior_max_tokens`), or `None` for fixed batches.
+
+    Returns:
+        Lists of pair indices; their concatenation is `range(N)`.
+    """
+    if max_tokens is None:
+        return token_budget_batches(pair_lengths, max_batch_size=batch_size)
+    return token_budget_batches(pair_lengths, max_tokens=max(1, max_tokens // 2))
+
+
+def shard_batches(
+    num_pairs: int,
+    batch_size: int,
+    process_index: int,
+    num_processes: int,
+    max_tokens: int | None = None,
+    pair_lengths: Sequence[int] | None = None,
+) -> list[list[int]]:
     """This process's share of the global fitting batches.
 
-    The global batches are the same for any number of processes (consecutive pairs, `batch_size` each), and they are
-    dealt round-robin; so the summed curvature does not depend on how many processes share the work.
+    The global batches are the same for any number of processes (`pair_batches`: consecutive pairs, `batch_size` each
+    or within `max_tokens` padded tokens), and they are dealt round-robin; so the summed curvature does not depend on
+    how many processes share the work.
+
+    Args:
+        pair_lengths: `(num_pairs,)` tokens of each pair's longer row; needed with `max_tokens`.
     """
-    batches = [list(range(i, min(i + batch_size, num_pairs))) for i in range(0, num_pairs, batch_size)]
+    if pair_lengths is None:
+        if max_tokens is not None:
+            raise ValueError("A token budget (`max_tokens`) needs the pairs' lengths: pass `pair_lengths`.")
+        pair_lengths = [0] * num_pairs
+    if len(pair_lengths) != num_pairs:
+        raise ValueError(f"Got {len(pair_lengths)} pair lengths for {num_pairs} pairs.")
+    batches = pair_batches(pair_lengths, batch_size, max_tokens)
     if len(batches) < num_processes:
+        size = (
+            f"batches of `posterior_batch_size`={batch_size} pairs"
+            if max_tokens is None
+            else f"batches of `posterior_max_tokens`={max_tokens} padded tokens"
+        )
         raise ValueError(
-            f"The posterior fit has {num_pairs} pairs, i.e. {len(batches)} batches of `posterior_batch_size`="
-            f"{batch_size}, fewer than the {num_processes} processes: lower `posterior_batch_size` or use more pairs."
+            f"The posterior fit has {num_pairs} pairs, i.e. {len(batches)} {size}, fewer than the {num_processes} "
+            "processes: lower `posterior_batch_size` (with `posterior_max_tokens`=None) or `posterior_max_tokens`, "
+            "or use more pairs."
         )
     return batches[process_index::num_processes]
 
@@ -217,6 +260,7 @@ def fit_laplace(
     progress_bar: bool = False,
     device: torch.device | str = "cpu",
     laplace_backend: bool = False,
+    max_tokens: int | None = None,
 ) -> ParametricLaplace:
     """Fit the GGN curvature of the Bradley-Terry likelihood on this process's share of `pairs`, then sum it over
     processes with `all_reduce` so that every process holds the posterior of the whole data set.
@@ -229,6 +273,9 @@ def fit_laplace(
     `fit` (curvlinops) instead, the reference (not for kfac_approx="reduce_masked", which curvlinops lacks): for kron
     it costs a second backward and a second forward per batch, for diag and full Jacobians of all 2B outputs through
     the whole batch, time and memory quadratic in the batch (12 GB at 8 pairs of 128 tokens on a Pythia-70M shape).
+
+    The batches are `batch_size` consecutive pairs, or with `max_tokens` (`posterior_max_tokens`) consecutive pairs
+    within that many padded tokens (`pair_batches`); both are the same for any number of processes.
     """
     if len(pairs) == 0:
         raise ValueError("The posterior fit got an empty dataset: pass at least one preference pair.")
@@ -238,7 +285,8 @@ def fit_laplace(
             "kfac_approx='reduce_masked' has no laplace-torch reference path (curvlinops cannot leave padding out of "
             "K-FAC-reduce): use laplace_backend=False, or kfac_approx='reduce' or 'expand' with laplace_backend=True."
         )
-    batches = shard_batches(len(pairs), batch_size, process_index, num_processes)
+    lengths = [max(len(chosen), len(rejected)) for chosen, rejected in pairs]
+    batches = shard_batches(len(pairs), batch_size, process_index, num_processes, max_tokens, lengths)
     loader = DataLoader(
         list(pairs),  # the whole data set: laplace-torch reads N from `len(loader.dataset)`
         batch_sampler=batches,
@@ -322,7 +370,7 @@ def fit_per_sample(
         la.H_facs = la.H = Kron(curvature.kfacs(la.params))
         if decompose:
             with eigendecomposition_errors_raise():
-                la.H = la.H_facs.decompose(damping=la.damping)
+                la.H = curvature.decompose(la.params, damping=la.damping)
     elif isinstance(la, FullLaplace):
         la._posterior_scale = None
 
@@ -363,13 +411,15 @@ def optimize_prior_precision_gridsearch(
     batch_size: int,
     grid: torch.Tensor,
     all_reduce: AllReduce | None = None,
+    max_tokens: int | None = None,
 ) -> torch.Tensor:
     """Choose the prior precision in `grid` that minimizes the held-out Bradley-Terry NLL under the probit
     approximation, p(chosen > rejected) ~ sigmoid(mu / sqrt(1 + pi/8 v)) with mu, v the GLM mean and variance of
     r(chosen) - r(rejected).
 
     laplace-torch's own gridsearch recomputes every Jacobian for every grid value and uses per-class variances; here
-    the Jacobians of the reward differences are computed once (`jacobian_fn(batch) -> (rewards (B,), J (B, P))`).
+    the Jacobians of the reward differences are computed once (`jacobian_fn(batch) -> (rewards (B,), J (B, P))`), in
+    batches of `batch_size` pairs or within `max_tokens` padded tokens (`pair_batches`).
 
     Returns:
         The NLL summed over held-out pairs for each grid value, shape `(len(grid),)`; `la.prior_precision` is set to
@@ -378,9 +428,9 @@ def optimize_prior_precision_gridsearch(
     if len(val_pairs) == 0:
         raise ValueError("optimize_prior_precision='gridsearch' needs held-out pairs: the validation split is empty.")
     mus, jacs = [], []
-    for start in range(0, len(val_pairs), batch_size):
-        chunk = val_pairs[start : start + batch_size]
-        batch = collate_pairs(chunk, pad_token_id)
+    lengths = [max(len(chosen), len(rejected)) for chosen, rejected in val_pairs]
+    for rows in pair_batches(lengths, batch_size, max_tokens):
+        batch = collate_pairs(val_pairs[rows[0] : rows[-1] + 1], pad_token_id)  # consecutive pairs
         flat = {k: batch[k].flatten(0, 1) for k in ("input_ids", "attention_mask")}  # rows: c0, r0, c1, r1, ...
         diff, g = pair_differences(*jacobian_fn(flat))
         mus.append(diff)

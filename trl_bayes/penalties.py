@@ -6,6 +6,10 @@ Ensembles of Laplace reward models ("LA Ens") combine as the mean of independent
 mean = (1/M) sum mean_i, var = (1/M^2) sum var_i. MAP-ensemble baselines (Coste et al., ICLR 2024,
 arXiv 2310.02743): `wco` = min over members, `uwo` = mean - k * (population variance of the members' means).
 
+The uncertainty a `std` / `var` penalty uses is one of `UNCERTAINTIES`: the paper's marginal variance, the relative
+variance within the prompt's group, or a typicality baseline of it (`trl_bayes.typicality`; issue 16 found that in the
+offline world typicality within the prompt's candidates does most of the relative penalty's work).
+
 One path from models to rewards, in two steps, so that a sweep over penalties and k runs the models once:
 `PenalizedReward.predict` -> `RewardPredictions` (the forward-backward passes; saveable), then `penalize` -> `(B,)`
 (microseconds: the variance `uncertainty` names, through `penalized_reward`, the pure penalty over `(M, B)` tensors).
@@ -24,13 +28,39 @@ from safetensors.torch import load_file, save_file
 
 from .relative_variance import prompt_key
 from .reward_model import BayesianRewardModel
+from .typicality import group_euclidean, group_mahalanobis, predict_hidden, predict_prior_relative
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Penalties: pure functions over tensors of shape (M, B) = (ensemble members, responses).
 
 
-UNCERTAINTIES = ("marginal", "relative")
-"""Which variance a penalty uses: J Σ J^T, or that of the reward minus its prompt group's mean (`relative_variance`)."""
+UNCERTAINTY_FIELDS = {
+    "marginal": "variances",
+    "relative": "relative_variances",
+    "prior_relative": "prior_relative_variances",
+    "hidden_euclidean": "hidden_euclidean",
+    "hidden_mahalanobis": "hidden_mahalanobis",
+}
+"""Which uncertainty a `std` / `var` penalty uses -> the `RewardPredictions` field that holds it (a variance, or a
+squared distance: `std` takes its square root, `var` takes it as it is, so that k means the same for each):
+
+- `marginal`: J Σ J^T, the paper's Laplace variance of the reward.
+- `relative`: (J_i - J_mean) Σ (J_i - J_mean)^T, the variance of the reward minus its prompt group's mean
+  (`relative_variance`): the prompt's unidentified offset cancels.
+- `prior_relative`: |J_i - J_mean|^2 / δ, the same centering with the prior covariance I / δ in place of the posterior
+  (`typicality.PriorScale`): how much of `relative` is the centering alone.
+- `hidden_euclidean`: |f_i - mean_g f|^2, f the reward model's last hidden state at the token its head reads
+  (`typicality.hidden_features`), mean over the prompt's group: typicality, no posterior and no preference data.
+- `hidden_mahalanobis`: the same distance under the group's own covariance of f, shrunk towards its diagonal
+  (`typicality.group_mahalanobis`).
+
+Issue 16: in the offline world the last two matched or beat `relative`, and `prior_relative` kept most of its gain, so
+read a gain of `relative` against them. Every option but `marginal` needs several completions per prompt in a call, or
+a `reference` set.
+"""
+UNCERTAINTIES = tuple(UNCERTAINTY_FIELDS)
+GROUP_UNCERTAINTIES = UNCERTAINTIES[1:]
+"""The uncertainties measured within a prompt's group of completions (or against its `reference` set)."""
 
 
 class Penalty(str, Enum):
@@ -140,6 +170,11 @@ class RewardPredictions:
             (`BayesianRewardModel.predict_relative`), or `None`; `uncertainty="relative"` uses them.
         groups: `(B,)` integer prompt group of each response (equal prompts share one), or `None`; `scale="prompt"`
             uses them.
+        prior_relative_variances: `(M, B)` |J_i - J_mean|^2 / δ (`typicality.predict_prior_relative`), or `None`;
+            `uncertainty="prior_relative"` uses them.
+        hidden_euclidean, hidden_mahalanobis: `(M, B)` squared distances of each response's hidden features to its
+            prompt group's (`typicality.group_euclidean` / `group_mahalanobis`), or `None`; the `uncertainty` of the
+            same name uses them.
 
     `state_dict()` / `from_state_dict()` (the tensors that are not `None`, by field name) and `save()` / `load()` (a
     safetensors file) round-trip it; other keys or shapes are refused.
@@ -149,6 +184,9 @@ class RewardPredictions:
     variances: torch.Tensor | None = None
     relative_variances: torch.Tensor | None = None
     groups: torch.Tensor | None = None
+    prior_relative_variances: torch.Tensor | None = None
+    hidden_euclidean: torch.Tensor | None = None
+    hidden_mahalanobis: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.means.dim() != 2:
@@ -156,7 +194,8 @@ class RewardPredictions:
                 f"RewardPredictions.means must have shape (M, B) = (members, responses), got {tuple(self.means.shape)}:"
                 " stack the members' rewards, e.g. `mean[None]` for a single model."
             )
-        for name, value in (("variances", self.variances), ("relative_variances", self.relative_variances)):
+        for name in UNCERTAINTY_FIELDS.values():
+            value = vars(self)[name]
             if value is not None and value.shape != self.means.shape:
                 raise ValueError(
                     f"RewardPredictions.{name} has shape {tuple(value.shape)} but means has shape "
@@ -170,11 +209,10 @@ class RewardPredictions:
 
     def subset(self, members: slice | Sequence[int]) -> RewardPredictions:
         """The predictions of some members, e.g. `subset([0])` for member 0 of an ensemble (its MAP / LA reward)."""
+        per_member = {name: vars(self)[name] for name in ("means", *UNCERTAINTY_FIELDS.values())}
         return RewardPredictions(
-            self.means[members],
-            None if self.variances is None else self.variances[members],
-            None if self.relative_variances is None else self.relative_variances[members],
-            self.groups,
+            **{name: None if value is None else value[members] for name, value in per_member.items()},
+            groups=self.groups,
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -205,6 +243,18 @@ def prompt_groups(prompts: Sequence[Any]) -> torch.Tensor:
     return torch.tensor([index.setdefault(prompt_key(p), len(index)) for p in prompts], dtype=torch.long)
 
 
+def _check_group_sizes(prompts: Sequence[Any], groups: torch.Tensor, uncertainty: str) -> None:
+    """A response alone in its group is at distance 0 from it: refuse such prompts rather than return zeros."""
+    counts = torch.bincount(groups)
+    if (counts < 2).any():
+        lonely = prompts[int(torch.nonzero(counts[groups] < 2)[0])]
+        raise ValueError(
+            f"uncertainty='{uncertainty}' measures each completion against the other completions of its prompt, but "
+            f"{int((counts < 2).sum())} prompt(s) have a single completion (e.g. {prompt_key(lonely)[:60]!r}). Score "
+            "all completions of a prompt in one call, or pass `reference` (completions per prompt)."
+        )
+
+
 def _check_options(penalty: Penalty | str, k: float, uncertainty: str, scale: str, num_members: int) -> Penalty:
     """The checks shared by `PenalizedReward` and `penalize`: one set of rules, one set of messages."""
     if penalty not in [p.value for p in Penalty]:
@@ -228,12 +278,13 @@ def penalize(
 ) -> torch.Tensor:
     """`(B,)`: the reward `PenalizedReward(models, penalty, k, uncertainty=uncertainty, scale=scale)` gives the
     responses that `predictions` (from `PenalizedReward.predict`, `RewardPredictions.load`, or cached arrays) were
-    made for, without running a model: `penalized_reward` on the variance `uncertainty` names."""
+    made for, without running a model: `penalized_reward` on the variance (or squared distance) `uncertainty` names
+    (`UNCERTAINTY_FIELDS`)."""
     penalty = _check_options(penalty, k, uncertainty, scale, predictions.means.shape[0])
     variances = None
     if penalty in (Penalty.STD, Penalty.VAR):
-        name = "variances" if uncertainty == "marginal" else "relative_variances"
-        variances = predictions.variances if uncertainty == "marginal" else predictions.relative_variances
+        name = UNCERTAINTY_FIELDS[uncertainty]
+        variances = vars(predictions)[name]
         if variances is None:
             raise ValueError(
                 f"penalty='{penalty.value}' with uncertainty='{uncertainty}' needs RewardPredictions.{name}: predict "
@@ -262,18 +313,27 @@ class PenalizedReward:
         penalty (`str`, *optional*, defaults to `"std"`): `"none"`, `"std"`, `"var"`, `"wco"` or `"uwo"`. The default
             is what won the uncertainty study across worlds and proxy backbones (README, issue 7).
         k (`float`, *optional*, defaults to `1.0`): penalty strength (the λ of `"uwo"`).
-        batch_size (`int`, *optional*, defaults to `16`): responses per forward pass.
-        uncertainty (`str`, *optional*, defaults to `"relative"`): which variance the `std`/`var` penalties use.
+        batch_size (`int` or `None`, *optional*, defaults to `None`): responses per forward pass; `None`: batches of
+            up to `batching.DEFAULT_MAX_TOKENS` padded tokens (the models' `predict*` default).
+        uncertainty (`str`, *optional*, defaults to `"relative"`): which uncertainty the `std`/`var` penalties use
+            (`UNCERTAINTY_FIELDS`); `std` subtracts k x its square root, `var` k x itself, whichever the option.
             `"relative"`: Var(r_i - mean_j r_j) over the completions of the same prompt in the call (Best-of-N's
             candidates, GRPO/RLOO's `num_generations` group), or over `reference`'s completions when given; the
             prompt's unidentified reward offset cancels. A prompt with a single completion and no `reference` is
             refused. Costs a second forward-backward per response. `"marginal"`: Var(r_i) = J_i Σ J_i^T (the
             paper's), for one completion per prompt without a reference. Ensembles: per member, then combined. The
             default won the uncertainty study in three of its four world x backbone panels (README, issue 7).
-        reference (mapping or callable, *optional*): with `uncertainty="relative"`, completions per prompt (a mapping
-            from the prompt string, or a callable of the prompt) whose mean the reward is centered on, e.g. K samples
-            of the reference policy: for callers that score one completion per prompt (PPO). Their mean gradients
-            are cached per prompt (P floats each).
+            Baselines of `"relative"` (issue 16: they do most of its work in the offline world), grouped the same
+            way: `"prior_relative"` (|J_i - J_mean|^2 / δ: the prior in place of the posterior, one forward-backward
+            per response), `"hidden_euclidean"` and `"hidden_mahalanobis"` (squared distance of the reward model's
+            last hidden state to its prompt group's mean, plain or under the group's shrunk covariance: one extra
+            forward, no backward). For the SFT policy's NLL, which no reward model holds, see
+            `trl_bayes.typicality.completion_nll`.
+        reference (mapping or callable, *optional*): with a group uncertainty (all but `"marginal"`), completions per
+            prompt (a mapping from the prompt string, or a callable of the prompt) whose mean (and, for
+            `"hidden_mahalanobis"`, covariance) the reward is measured against, e.g. K samples of the reference
+            policy: for callers that score one completion per prompt (PPO). What each needs of them is cached per
+            prompt (the mean gradient, P floats; or the hidden features, K x D).
         scale (`str`, *optional*, defaults to `"absolute"`): units of k for `std` / `var`. `"absolute"`: the penalty
             is k * std (or k * var) in reward units. `"prompt"`: k * sd_g(r) * std_i / mean_g(std) within the
             completions of each prompt in the call (the groups of `uncertainty="relative"`; see `prompt_scale`), so
@@ -294,6 +354,9 @@ class PenalizedReward:
     ...     rewards = penalize(predictions, penalty, k, uncertainty)  # (B,) as PenalizedReward(members, ...) gives
     >>> penalize(predictions, "std", 1.0, "relative", scale="prompt")  # groups come with the predictions
     >>> penalize(predictions.subset([0]), "none", 0.0, "relative")  # member 0's MAP reward
+    >>> # Typicality under the SFT policy (`trl_bayes.typicality.completion_nll`), through the pure penalty:
+    >>> nll = completion_nll(sft_policy, sft_tokenizer, prompts, completions)  # (B,)
+    >>> penalized_reward(predictions.means[:1], nll.square()[None], "std", 1.0)  # member 0's MAP reward - 1.0 * NLL
     ```
     """
 
@@ -304,7 +367,7 @@ class PenalizedReward:
         models: BayesianRewardModel | Sequence[BayesianRewardModel],
         penalty: Penalty | str = Penalty.STD,
         k: float = 1.0,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         uncertainty: str = "relative",
         reference: Mapping[str, Sequence[Any]] | Callable[[Any], Sequence[Any]] | None = None,
         scale: str = "absolute",
@@ -313,10 +376,15 @@ class PenalizedReward:
         if not self.models:
             raise ValueError("PenalizedReward needs at least one BayesianRewardModel.")
         self.penalty = _check_options(penalty, k, uncertainty, scale, len(self.models))
-        if reference is not None and uncertainty != "relative":
-            raise ValueError("`reference` centers the relative variance: set uncertainty='relative' to use it.")
+        if reference is not None and uncertainty not in GROUP_UNCERTAINTIES:
+            raise ValueError(
+                f"`reference` is the group a relative uncertainty is measured in: set uncertainty to one of "
+                f"{list(GROUP_UNCERTAINTIES)} (e.g. 'relative') to use it, not '{uncertainty}'."
+            )
         self.k = float(k)
         self.batch_size, self.uncertainty, self.reference, self.scale = batch_size, uncertainty, reference, scale
+        # Per member, the hidden features `(K, D)` of each prompt's reference completions (hidden_* uncertainties).
+        self.reference_features: list[dict[str, torch.Tensor]] = [{} for _ in self.models]
 
     @property
     def needs_variance(self) -> bool:
@@ -324,23 +392,66 @@ class PenalizedReward:
 
     def predict(self, prompts: Sequence[Any], completions: Sequence[Any]) -> RewardPredictions:
         """The members' predictions this reward's penalty needs, `(M, B)`: `means` always; with `std` / `var`, the
-        marginal `variances`, and with `uncertainty="relative"` also the `relative_variances` (the marginal ones come
-        free with them). `groups` always (cheap), for `scale="prompt"`."""
-        variances = relative = None
-        if self.needs_variance and self.uncertainty == "relative":
+        uncertainty's field (`UNCERTAINTY_FIELDS`): the marginal `variances`; with `uncertainty="relative"` also the
+        `relative_variances` (the marginal ones come free with them); `prior_relative_variances`; or both hidden
+        distances (either one costs the same features). `groups` always (cheap), for `scale="prompt"`."""
+        groups = prompt_groups(prompts)
+        if not self.needs_variance or self.uncertainty == "marginal":
+            outputs = [
+                m.predict(prompts, completions, self.batch_size, return_var=self.needs_variance) for m in self.models
+            ]
+            variances = torch.stack([var for _, var in outputs]) if self.needs_variance else None
+            return RewardPredictions(torch.stack([mean for mean, _ in outputs]), variances, groups=groups)
+        if self.uncertainty == "relative":
             triples = [
                 m.predict_relative(prompts, completions, self.batch_size, reference=self.reference)
                 for m in self.models
             ]
             means, variances, relative = (torch.stack(parts) for parts in zip(*triples, strict=True))
-        else:
-            outputs = [
-                m.predict(prompts, completions, self.batch_size, return_var=self.needs_variance) for m in self.models
+            return RewardPredictions(means, variances, relative, groups)
+        if self.reference is None:
+            _check_group_sizes(prompts, groups, self.uncertainty)
+        if self.uncertainty == "prior_relative":
+            pairs = [
+                predict_prior_relative(m, prompts, completions, self.batch_size, reference=self.reference)
+                for m in self.models
             ]
-            means = torch.stack([mean for mean, _ in outputs])
-            if self.needs_variance:
-                variances = torch.stack([var for _, var in outputs])
-        return RewardPredictions(means, variances, relative, prompt_groups(prompts))
+            means, prior_relative = (torch.stack(parts) for parts in zip(*pairs, strict=True))
+            return RewardPredictions(means, groups=groups, prior_relative_variances=prior_relative)
+        means = torch.stack(
+            [m.predict(prompts, completions, self.batch_size, return_var=False)[0] for m in self.models]
+        )
+        distances = [self._hidden_distances(i, prompts, completions, groups) for i in range(len(self.models))]
+        euclidean, mahalanobis = (torch.stack(parts) for parts in zip(*distances, strict=True))
+        return RewardPredictions(means, groups=groups, hidden_euclidean=euclidean, hidden_mahalanobis=mahalanobis)
+
+    def _hidden_distances(
+        self, member: int, prompts: Sequence[Any], completions: Sequence[Any], groups: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Member `member`'s squared Euclidean and Mahalanobis distances `(B,)` of the responses' hidden features to
+        their prompt group's (or to `reference`'s completions of the prompt)."""
+        model = self.models[member]
+        features = predict_hidden(model, prompts, completions, self.batch_size)
+        if self.reference is None:
+            return group_euclidean(features, groups), group_mahalanobis(features, groups)
+        cache = self.reference_features[member]
+        firsts = {prompt_key(p): (p, int(g)) for p, g in zip(prompts, groups.tolist(), strict=True)}
+        for key, (prompt, _) in firsts.items():
+            if key not in cache:
+                if callable(self.reference):
+                    references = self.reference(prompt)
+                elif key in self.reference:
+                    references = self.reference[key]
+                else:
+                    raise ValueError(f"`reference` has no completions for the prompt {key[:60]!r}.")
+                if len(references) == 0:
+                    raise ValueError(f"The reference set of {key[:60]!r} is empty: give each prompt >= 1 completion.")
+                cache[key] = predict_hidden(model, [prompt] * len(references), list(references), self.batch_size)
+        reference = dict(
+            reference_features=torch.cat([cache[key] for key in firsts]),
+            reference_groups=torch.cat([torch.full((len(cache[key]),), g) for key, (_, g) in firsts.items()]),
+        )
+        return group_euclidean(features, groups, **reference), group_mahalanobis(features, groups, **reference)
 
     def rank(self, predictions: RewardPredictions) -> torch.Tensor:
         """`(B,)` rewards of precomputed predictions with this reward's penalty, k, uncertainty and scale."""
@@ -353,10 +464,11 @@ class PenalizedReward:
 
     def score(self, prompts: Sequence[Any], completions: Sequence[Any]) -> dict[str, torch.Tensor]:
         """All parts of the reward: `reward` `(B,)`, member `means`/`variances` `(M, B)`, combined `mean`/`var` `(B,)`
-        (`variances`/`var` are the relative ones with `uncertainty="relative"`, then also `marginal_variances`)."""
+        (`variances`/`var` are those of `uncertainty`, e.g. the relative ones with `uncertainty="relative"`, which
+        also gives `marginal_variances`)."""
         predictions = self.predict(prompts, completions)
         parts = {"reward": self.rank(predictions), "means": predictions.means}
-        variances = predictions.relative_variances if self.uncertainty == "relative" else predictions.variances
+        variances = vars(predictions)[UNCERTAINTY_FIELDS[self.uncertainty]]
         if variances is not None:
             parts["variances"] = variances
             parts["mean"], parts["var"] = combine_gaussians(predictions.means, variances)

@@ -127,6 +127,7 @@ def fit_posterior(
             progress_bar=progress_bar,
             device=device,
             laplace_backend=args.laplace_backend,
+            max_tokens=args.posterior_max_tokens,
         )
         val_share = val_pairs[process_index::num_processes]
         choose_prior_precision(la, model, args, val_share, tokenizer.pad_token_id, all_reduce, device)
@@ -182,4 +183,5 @@ def choose_prior_precision(
             args.posterior_batch_size,
             torch.tensor(args.prior_precision_grid, dtype=torch.float64),
             all_reduce,
+            max_tokens=args.posterior_max_tokens,
         )

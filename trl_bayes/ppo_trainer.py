@@ -210,6 +210,9 @@ class PPOTrainer:
             temperature=args.temperature,
             top_k=0,
             top_p=1.0,
+            # A KV cache while sampling, whatever the policy's config says (a config may turn it off for training):
+            # one token per forward after the prompt instead of the whole sequence again.
+            use_cache=True,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id if args.stop_token_id is None else args.stop_token_id,
         )
@@ -340,7 +343,9 @@ class PPOTrainer:
             # 3. reference: log-probabilities under the policy and the reference, and values, without gradients
             chunk = args.rollout_batch_size or len(indices)
             logprobs, ref_logprobs, values, entropy = [], [], [], []
-            with torch.no_grad():
+            # Inference mode: no autograd bookkeeping (these are constants of the loss; `torch.cat` below copies them
+            # into normal tensors).
+            with torch.inference_mode():
                 for i in range(0, len(indices), chunk):
                     ids, att = input_ids[i : i + chunk], attention_mask[i : i + chunk]
                     lp, logits = completion_logprobs(whole.policy, ids, att, prompt_length, args.temperature)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .batching import DEFAULT_MAX_TOKENS, scoring_batches
 from .generation import pad_token_ids
 from .per_sample import (
     GLMVariance,
@@ -105,28 +106,40 @@ class RelativeVariancePredictor:
 
     Args:
         posterior: a `BayesianRewardModel` (its model, tokenizer, Laplace posterior and Laplace layers are used).
-        batch_size: responses per forward-backward pass.
+        batch_size: responses per forward-backward pass; `None`: batches of up to `max_tokens` padded tokens
+            (`batching.scoring_batches`).
+        scale: the square root S of the covariance the gradients are scaled by; `None` = the posterior's
+            (`PosteriorScale`). Any object with `PosteriorScale`'s `block` / `full` / `blockwise`, e.g. the prior's
+            (`trl_bayes.typicality.PriorScale`, the prior-only baseline).
+        max_tokens: padded tokens per batch when `batch_size` is `None`.
     """
 
-    def __init__(self, posterior, batch_size: int = 16):
+    def __init__(self, posterior, batch_size: int | None = 16, scale=None, max_tokens: int = DEFAULT_MAX_TOKENS):
         self.posterior = posterior
         self.batch_size = batch_size
-        self.scale = PosteriorScale(posterior.laplace)
+        self.scale = PosteriorScale(posterior.laplace) if scale is None else scale
+        self.max_tokens = max_tokens
 
-    def one_pass_bytes(self, largest_group: int) -> int:
-        """The most memory `one_pass` holds in scaled gradients: (largest group + batch size - 1) rows of P floats."""
+    def batch_rows(self, token_ids: Sequence[list[int]]) -> list[list[int]]:
+        """The consecutive rows of each batch of `token_ids` (`batching.scoring_batches`)."""
+        return scoring_batches([len(ids) for ids in token_ids], self.batch_size, self.max_tokens)
+
+    def one_pass_bytes(self, largest_group: int, largest_batch: int | None = None) -> int:
+        """The most memory `one_pass` holds in scaled gradients: (largest group + largest batch - 1) rows of P floats.
+        `largest_batch` defaults to `batch_size` (required when it is `None`)."""
+        if largest_batch is None:
+            if self.batch_size is None:
+                raise ValueError("one_pass_bytes needs `largest_batch` when batches follow a token budget.")
+            largest_batch = self.batch_size
         row = self.posterior.n_params * self.posterior.params[0].element_size()
-        return (largest_group + self.batch_size - 1) * row
+        return (largest_group + largest_batch - 1) * row
 
     def _batches(self, token_ids: Sequence[list[int]]):
         pad_token_id = self.posterior.tokenizer.pad_token_id
-        for start in range(0, len(token_ids), self.batch_size):
-            input_ids, attention_mask = pad_token_ids(token_ids[start : start + self.batch_size], pad_token_id)
-            yield (
-                slice(start, start + self.batch_size),
-                input_ids.to(self.posterior.device),
-                attention_mask.to(self.posterior.device),
-            )
+        for rows in self.batch_rows(token_ids):
+            start, stop = rows[0], rows[-1] + 1
+            input_ids, attention_mask = pad_token_ids(token_ids[start:stop], pad_token_id)
+            yield slice(start, stop), input_ids.to(self.posterior.device), attention_mask.to(self.posterior.device)
 
     def _forward_backward(self, input_ids, attention_mask, consume) -> torch.Tensor:
         p = self.posterior
@@ -193,7 +206,7 @@ class RelativeVariancePredictor:
         rewards, marginal, relative = [], [], []
         pending: list[tuple[int, torch.Tensor]] = []  # (first row, scaled rows) of groups not yet complete
         batches = self._batches(token_ids)
-        total = -(-n // self.batch_size)
+        total = len(self.batch_rows(token_ids)) if progress_bar else None
         for rows, input_ids, attention_mask in tqdm(
             batches, total=total, desc="Scoring (mean, relative var)", disable=not progress_bar
         ):
@@ -249,9 +262,11 @@ def relative_predict_ids(
     keys: Sequence[Hashable],
     weights: Sequence[float] | torch.Tensor | None = None,
     reference_means: Mapping[Hashable, GradientMeans] | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     progress_bar: bool = False,
     memory_budget: int = 2**30,
+    scale=None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MAP rewards, marginal variances and relative variances of tokenized responses grouped by `keys`.
 
@@ -263,10 +278,13 @@ def relative_predict_ids(
             was drawn); `None` = 1 each. Unused with `reference_means`.
         reference_means: per key, the mean gradient of a reference set (`reference_gradient_means`); `None` = the
             group's own (weighted) mean.
-        batch_size: responses per forward-backward pass.
+        batch_size: responses per forward-backward pass; `None` (the default): batches of up to `max_tokens` padded
+            tokens (`batching.scoring_batches`), cut in the order the groups are scored.
         memory_budget: bytes of scaled gradients the one-pass path may hold (the rows of the groups in flight, at most
-            (largest group + batch_size - 1) x P floats; `RelativeVariancePredictor.one_pass_bytes`). Above it, two
+            (largest group + largest batch - 1) x P floats; `RelativeVariancePredictor.one_pass_bytes`). Above it, two
             forward-backward passes per response; 0 forces them. A reference set always takes one pass.
+        scale: the covariance's square root (`RelativeVariancePredictor`); `None` = the posterior's.
+        max_tokens: padded tokens per batch when `batch_size` is `None`.
 
     Returns:
         `mean`, `var` (marginal) and `relative_var`, each `(B,)` on the CPU, in the order of `token_ids`.
@@ -285,16 +303,19 @@ def relative_predict_ids(
         if missing:
             raise ValueError(f"No reference mean gradient for {len(missing)} prompt(s), e.g. {missing[0][:60]!r}.")
     check_groups(keys, reference_means)
-    predictor = RelativeVariancePredictor(posterior, batch_size)
+    predictor = RelativeVariancePredictor(posterior, batch_size, scale, max_tokens)
     per_group = group_blocks(keys, min_block_size=1)  # one block per group
-    if reference_means is None and predictor.one_pass_bytes(max(map(len, per_group))) <= memory_budget:
-        order = [i for rows in per_group for i in rows]
+    order = [i for rows in per_group for i in rows]
+    ids = [token_ids[i] for i in order]
+    # The most rows per batch: `batch_size` when given (the bound as before token budgets, so that an explicit batch
+    # size picks the same path), else the largest of the budget's batches as the one-pass path cuts them (`ids`).
+    largest_batch = batch_size if batch_size is not None else max(map(len, predictor.batch_rows(ids)))
+    if reference_means is None and predictor.one_pass_bytes(max(map(len, per_group)), largest_batch) <= memory_budget:
         groups = torch.tensor([g for g, rows in enumerate(per_group) for _ in rows], dtype=torch.long)
-        ids = [token_ids[i] for i in order]
         pieces = [torch.stack(predictor.one_pass(ids, groups, weights[order], progress_bar))]
     else:
         order, pieces = [], []
-        blocks = group_blocks(keys, min_block_size=8 * batch_size)
+        blocks = group_blocks(keys, min_block_size=8 * largest_batch)
         for rows in tqdm(blocks, desc="Scoring (mean, relative var)", disable=not progress_bar):
             block_keys = list(dict.fromkeys(keys[i] for i in rows))
             local = {key: g for g, key in enumerate(block_keys)}
@@ -314,10 +335,13 @@ def relative_predict_ids(
 
 
 def reference_gradient_means(
-    posterior, reference_ids: Mapping[Hashable, Sequence[list[int]]], batch_size: int = 16
+    posterior,
+    reference_ids: Mapping[Hashable, Sequence[list[int]]],
+    batch_size: int | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> dict[Hashable, GradientMeans]:
     """Per key, the mean reward gradient `(*shape)` per Laplace parameter over its reference responses (e.g. K samples
-    of the reference policy for that prompt). Memory: P floats per key.
+    of the reference policy for that prompt). Memory: P floats per key. Batching as `relative_predict_ids`.
 
     Raises:
         ValueError: when a key has no reference response.
@@ -327,7 +351,7 @@ def reference_gradient_means(
         raise ValueError(f"The reference set of {str(empty[0])[:60]!r} is empty: give each prompt >= 1 completion.")
     keys = [key for key, ids in reference_ids.items() for _ in ids]
     ids = [response for responses in reference_ids.values() for response in responses]
-    predictor = RelativeVariancePredictor(posterior, batch_size)
+    predictor = RelativeVariancePredictor(posterior, batch_size, max_tokens=max_tokens)
     order = list(dict.fromkeys(keys))
     local = {key: g for g, key in enumerate(order)}
     groups = torch.tensor([local[key] for key in keys], dtype=torch.long)

@@ -73,8 +73,15 @@ class BayesianRewardConfig(RewardConfig):
             batch; diag/full: time and memory quadratic in `posterior_batch_size`). With kron it needs `kfac_approx`
             `"reduce"` or `"expand"`.
         posterior_batch_size (`int`, *optional*, defaults to `8`):
-            Pairs per curvature batch. Under several processes the batches are dealt round-robin, so this must leave
-            at least one batch per process. Memory grows linearly with it.
+            Pairs per curvature batch (when `posterior_max_tokens` is `None`). Under several processes the batches are
+            dealt round-robin, so this must leave at least one batch per process. Memory grows linearly with it.
+        posterior_max_tokens (`int` or `None`, *optional*, defaults to `None`):
+            Padded tokens per curvature batch, in place of `posterior_batch_size`: consecutive pairs are packed while
+            2 x pairs x the longest row stays within the budget (a pair's two rows pad to its longer one; a pair
+            longer than the budget is fitted alone). Fits short pairs in large batches and long ones in small, at
+            bounded memory. The batches are the same for any number of processes and, as with `posterior_batch_size`,
+            must leave at least one per process. `None` keeps batches of `posterior_batch_size` pairs. The posterior
+            does not depend on the batching under `kfac_approx="reduce_masked"` (kron) and for diag and full.
         fit_posterior_after_train (`bool`, *optional*, defaults to `True`):
             Whether `train()` fits the posterior on the training pairs right after MAP training.
     """
@@ -131,6 +138,13 @@ class BayesianRewardConfig(RewardConfig):
         },
     )
     posterior_batch_size: int = field(default=8, metadata={"help": "Pairs per curvature batch in the posterior fit."})
+    posterior_max_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Padded tokens per curvature batch (2 x pairs x longest row), in place of posterior_batch_size. "
+            "None keeps batches of posterior_batch_size pairs."
+        },
+    )
     laplace_backend: bool = field(
         default=False,
         metadata={"help": "Fit with laplace-torch's own fit (the reference path) instead of per-sample gradients."},
@@ -164,6 +178,11 @@ class BayesianRewardConfig(RewardConfig):
             raise ValueError(f"`prior_precision` must be > 0, got {self.prior_precision}.")
         if self.posterior_batch_size < 1:
             raise ValueError(f"`posterior_batch_size` must be >= 1, got {self.posterior_batch_size}.")
+        if self.posterior_max_tokens is not None and self.posterior_max_tokens < 1:
+            raise ValueError(
+                f"`posterior_max_tokens` must be >= 1 (padded tokens per curvature batch), got "
+                f"{self.posterior_max_tokens}: set a budget, or None for batches of `posterior_batch_size` pairs."
+            )
         if not 0.0 < self.posterior_val_fraction < 1.0:
             raise ValueError(f"`posterior_val_fraction` must be in (0, 1), got {self.posterior_val_fraction}.")
         if self.prior_precision_grid is None:

@@ -21,6 +21,7 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .batching import DEFAULT_MAX_TOKENS, scoring_batches
 from .diagnostics import pair_metrics
 from .generation import eval_mode, pad_token_ids, tokenize_response
 
@@ -123,20 +124,24 @@ class BayesianRewardModel:
         self,
         prompts: Sequence[Any],
         completions: Sequence[Any],
-        batch_size: int = 16,
+        batch_size: int | None = None,
         return_var: bool = True,
         progress_bar: bool = False,
         laplace_backend: bool = False,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gaussian rewards of `completions` to `prompts`.
 
         Args:
             prompts, completions: strings, or lists of chat messages (conversational), one each per response.
-            batch_size: responses per forward (and backward) pass; memory grows linearly with it.
+            batch_size: responses per forward (and backward) pass; memory grows linearly with it. `None` (the
+                default): batches of up to `max_tokens` padded tokens (`batching.scoring_batches`).
             return_var: `False` skips the backward and returns `(mean, None)` (the MAP reward only).
             progress_bar: show a tqdm bar over batches (for long scoring jobs).
             laplace_backend: compute the variance on the reference path (per-response Jacobians, laplace-torch's
                 `functional_variance`); slower, same result.
+            max_tokens: padded tokens (responses x longest response) per batch when `batch_size` is `None`; a longer
+                response is scored alone. Batches keep the input order; another batching changes only round-off.
 
         Returns:
             `mean` and `var`, float tensors of shape `(B,)` on the CPU.
@@ -152,15 +157,17 @@ class BayesianRewardModel:
             return_var=return_var,
             progress_bar=progress_bar,
             laplace_backend=laplace_backend,
+            max_tokens=max_tokens,
         )
 
     def predict_ids(
         self,
         token_ids: Sequence[list[int]],
-        batch_size: int = 16,
+        batch_size: int | None = None,
         return_var: bool = True,
         progress_bar: bool = False,
         laplace_backend: bool = False,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Like `predict`, from token ids already tokenized with `tokenize_response`."""
         if len(token_ids) == 0:
@@ -168,9 +175,9 @@ class BayesianRewardModel:
             return empty, (empty if return_var else None)
         means, variances = [], []
         with scoring_mode(self.model):
-            starts = range(0, len(token_ids), batch_size)
-            for start in tqdm(starts, desc="Scoring (mean, var)", disable=not progress_bar):
-                batch = token_ids[start : start + batch_size]
+            batches = scoring_batches([len(ids) for ids in token_ids], batch_size, max_tokens)
+            for rows in tqdm(batches, desc="Scoring (mean, var)", disable=not progress_bar):
+                batch = token_ids[rows[0] : rows[-1] + 1]  # consecutive rows
                 if return_var:
                     mean, var = self._predict_batch(batch, pairs=False, laplace_backend=laplace_backend)
                     variances.append(var)
@@ -188,15 +195,20 @@ class BayesianRewardModel:
         prompts: Sequence[Any],
         chosen: Sequence[Any],
         rejected: Sequence[Any],
-        batch_size: int = 16,
+        batch_size: int | None = None,
         progress_bar: bool = False,
         laplace_backend: bool = False,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gaussian reward differences r(chosen) - r(rejected) of preference pairs, with their exact covariance.
 
         The variance is (J_c - J_r) Σ (J_c - J_r)^T: chosen and rejected share the weights (and the prompt), so it is
         not var_c + var_r. Bradley-Terry predictive: p(chosen > rejected) ~ sigmoid(mean / sqrt(1 + pi/8 var)).
         Rows of any TRL preference format: `predict_pairs(*preference_pairs(dataset))`.
+
+        Args:
+            batch_size: pairs per forward-backward pass (2 x `batch_size` responses); `None` (the default): batches of
+                whole pairs within `max_tokens` padded tokens (both responses of a pair count).
 
         Returns:
             `mean` and `var` of the differences, float tensors of shape `(B,)` on the CPU.
@@ -207,23 +219,27 @@ class BayesianRewardModel:
             (tokenize_response(self.tokenizer, p, c), tokenize_response(self.tokenizer, p, r))
             for p, c, r in zip(prompts, chosen, rejected, strict=True)
         ]
-        return self.predict_pair_ids(pairs, batch_size, progress_bar, laplace_backend)
+        return self.predict_pair_ids(pairs, batch_size, progress_bar, laplace_backend, max_tokens)
 
     def predict_pair_ids(
         self,
         pairs: Sequence[tuple[list[int], list[int]]],
-        batch_size: int = 16,
+        batch_size: int | None = None,
         progress_bar: bool = False,
         laplace_backend: bool = False,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Like `predict_pairs`, from `(chosen, rejected)` token ids: `tokenize_response`'s, or the `chosen_ids` /
         `rejected_ids` of a dataset tokenized by `RewardTrainer`."""
         # Interleaved (chosen_0, rejected_0, chosen_1, ...), the layout `pair_differences` reads.
         ids = [ids for pair in pairs for ids in pair]
+        # A pair's two rows pad to its longer response: a budget of max_tokens // 2 per pair row.
+        lengths = [max(len(chosen), len(rejected)) for chosen, rejected in pairs]
+        batches = scoring_batches(lengths, batch_size, max(1, max_tokens // 2))
         means, variances = [], []
         with scoring_mode(self.model):
-            for start in tqdm(range(0, len(ids), 2 * batch_size), desc="Scoring pairs", disable=not progress_bar):
-                mean, var = self._predict_batch(ids[start : start + 2 * batch_size], True, laplace_backend)
+            for rows in tqdm(batches, desc="Scoring pairs", disable=not progress_bar):
+                mean, var = self._predict_batch(ids[2 * rows[0] : 2 * rows[-1] + 2], True, laplace_backend)
                 means.append(mean)
                 variances.append(var)
         if not means:
@@ -234,10 +250,11 @@ class BayesianRewardModel:
         self,
         prompts: Sequence[Any],
         completions: Sequence[Any],
-        batch_size: int = 16,
+        batch_size: int | None = None,
         weights: Sequence[float] | torch.Tensor | None = None,
         reference: Mapping[str, Sequence[Any]] | Callable[[Any], Sequence[Any]] | None = None,
         progress_bar: bool = False,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gaussian rewards with their relative variance: Var(r_i - mean_j r_j), j over the completions of the same
         prompt (see `trl_bayes.relative_variance`). The prompt's unidentified reward offset cancels.
@@ -245,13 +262,15 @@ class BayesianRewardModel:
         Args:
             prompts, completions: one each per response; responses to an equal prompt form a group. For preference
                 rows with an implicit prompt, the prompts `preference_pairs` extracts (TRL's `extract_prompt`).
-            batch_size: responses per forward-backward pass.
+            batch_size: responses per forward-backward pass; `None` (the default): batches of up to `max_tokens`
+                padded tokens, as `predict`.
             weights: per response, its weight in its group's mean (e.g. how often a deduplicated sample was drawn);
                 `None` = 1 each.
             reference: the group's mean is taken over a reference set instead of the scored completions: per prompt
                 (a mapping from `prompt_key(prompt)`, or a callable of the prompt), completions such as K samples of
                 the reference policy. Needed when a prompt comes with a single completion (PPO).
             progress_bar: a tqdm bar over blocks of prompts.
+            max_tokens: padded tokens per batch when `batch_size` is `None`.
 
         Returns:
             `mean`, `var` (marginal) and `relative_var`, float tensors of shape `(B,)` on the CPU.
@@ -266,15 +285,18 @@ class BayesianRewardModel:
             reference_means = None
             if reference is not None:
                 reference_means = self.reference_gradient_means(
-                    {key: p for key, p in zip(keys, prompts, strict=True)}, reference, batch_size
+                    {key: p for key, p in zip(keys, prompts, strict=True)}, reference, batch_size, max_tokens
                 )
-            return relative_predict_ids(self, ids, keys, weights, reference_means, batch_size, progress_bar)
+            return relative_predict_ids(
+                self, ids, keys, weights, reference_means, batch_size, progress_bar, max_tokens=max_tokens
+            )
 
     def reference_gradient_means(
         self,
         prompts: Mapping[str, Any],
         reference: Mapping[str, Sequence[Any]] | Callable[[Any], Sequence[Any]],
-        batch_size: int = 16,
+        batch_size: int | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> dict[str, dict[int, torch.Tensor]]:
         """Per prompt key, the mean reward gradient of the prompt's reference completions (P floats per prompt), the
         J_mean of `predict_relative(..., reference=...)`. Keys already in `self.reference_cache` are not recomputed.
@@ -282,6 +304,7 @@ class BayesianRewardModel:
         Args:
             prompts: `prompt_key(prompt) -> prompt` of the prompts needed.
             reference: completions per prompt key (a mapping) or per prompt (a callable).
+            batch_size, max_tokens: the batching, as `predict`.
         """
         todo = {}
         for key, prompt in prompts.items():
@@ -296,7 +319,7 @@ class BayesianRewardModel:
             todo[key] = [tokenize_response(self.tokenizer, prompt, c) for c in completions]
         if todo:
             with scoring_mode(self.model):
-                self.reference_cache.update(reference_gradient_means(self, todo, batch_size))
+                self.reference_cache.update(reference_gradient_means(self, todo, batch_size, max_tokens))
         return {key: self.reference_cache[key] for key in prompts}
 
     # -- evaluation ----------------------------------------------------------------------------------------------

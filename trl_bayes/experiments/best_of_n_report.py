@@ -7,7 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trl_bayes.experiments.best_of_n_study import METHODS, SELECTED_METHODS, method_specs, penalty_labels
+from trl_bayes.experiments.best_of_n_study import (
+    METHODS,
+    SELECTED_METHODS,
+    TYPICALITY_COLUMNS,
+    grid_extensions,
+    method_specs,
+    penalty_labels,
+)
 from trl_bayes.experiments.report import fmt, write_csv
 
 # Summary stage name -> its cache folders (for the time their results took to compute).
@@ -68,7 +75,7 @@ def plot_curves(path: Path, rows: list[dict[str, Any]], args, selection: list[di
 
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
     # One color per method, solid for std and dashed for var; penalized methods at `plot_k` only (the CSV has all).
-    colors = {method: plt.cm.tab10(i) for i, method in enumerate(METHODS)}
+    colors = {method: plt.cm.tab20(i) for i, method in enumerate(METHODS)}
     kl = np.array([r["kl"] for r in rows if (r["method"], r["seed"]) == (rows[0]["method"], args.seeds[0])])
     drawn = set()
     for method, penalty, k in method_specs(args):
@@ -251,9 +258,13 @@ def cached_seconds(cache: Path) -> dict[str, float | None]:
     return computed
 
 
-def write_summary(path: Path, args, table, selection, diagnostic_rows, seconds, computed_seconds, sources) -> None:
-    """`summary.md`: `table` (`aggregate`), the k `selection`, the `diagnostic_rows` of `write_diagnostics`, the time per
-    stage (this run's `seconds` and the cached stages' `computed_seconds`) and the `sources` (policy, gold, proxy)."""
+def write_summary(
+    path: Path, args, table, selection, diagnostic_rows, seconds, computed_seconds, sources, correlations=None
+) -> None:
+    """`summary.md`: `table` (`aggregate`), the k `selection` (with the grids `extend_grids` extended), the
+    `correlations` of the rankings with the proxy and the penalty (`ranking_correlations`), the `diagnostic_rows` of
+    `write_diagnostics`, the time per stage (this run's `seconds` and the cached stages' `computed_seconds`) and the
+    `sources` (policy, gold, proxy)."""
     import numpy as np
 
     pair_rows, along_n, length_rows, class_rows = diagnostic_rows
@@ -266,14 +277,23 @@ def write_summary(path: Path, args, table, selection, diagnostic_rows, seconds, 
         f"flipped), {args.ensemble_size} members per ensemble, seeds {args.seeds}",
         f"- Best-of-n: {args.num_eval_prompts} held-out prompts x {args.num_samples} samples, n = {args.ns[0]}..{n_max},"
         " unbiased estimator (every n from one set of samples)",
-        f"- penalty strengths fixed in the config before the run: k in {args.ks} (LA, LA-rel, LA-Ens, LA-Ens-rel), "
-        f"{args.uwo_ks} (Ens-UWO)",
+        f"- penalty strengths fixed in the config before the run: k in {args.ks} "
+        f"({', '.join(m for m in args.methods if m in SELECTED_METHODS)}), {args.uwo_ks} (Ens-UWO)",
         f"- `-rel`: penalized by the relative variance Var(r_i - mean_j r_j) over the prompt's {args.num_samples} "
         "samples instead of the marginal variance J Σ J^T",
     ]
+    if set(args.methods) & set(TYPICALITY_COLUMNS):
+        lines.append("- typicality baselines (issue 16; member 0's MAP reward minus k x the score, `std`; its square, "
+                     "`var`), within each prompt's samples weighted by their draw counts: Prior-rel |J_i - J_mean|² / δ "
+                     "(prior in place of the posterior), Hidden-Euc / Hidden-Maha the distance of the reward model's "
+                     "last hidden state to the samples' mean (plain / under their covariance shrunk towards its "
+                     "diagonal), SFT-NLL the SFT policy's mean per-token NLL")  # fmt: skip
     if selection:
         lines.append(f"- 'k chosen on validation': each seed's k from {args.ks} with the best gold at n={n_max} on "
-                     f"{args.num_validation_prompts} validation prompts (held out, never reported; `k_selection.csv`)")  # fmt: skip
+                     f"{args.num_validation_prompts} validation prompts (held out, never reported; `k_selection.csv`); "
+                     "when the pick is the grid's largest or smallest nonzero k, the grid is extended (x2 above, /2 "
+                     "below, at most 4 steps) and k picked again (reported curves of added ks: "
+                     "`bon_results_extended.csv`)")  # fmt: skip
     mp = next((t for t in table if t["method"] == "MAP"), None)
     lines += [
         "",
@@ -304,6 +324,20 @@ def write_summary(path: Path, args, table, selection, diagnostic_rows, seconds, 
                     pick = next(r for r in mine if r["chosen"])
                     cells.append(f"k={pick['k']:g} ({pick['validation_gold_at_max_n']:.2f})")
                 lines.append(f"| {method} | {penalty} | " + " | ".join(cells) + " |")
+        extended = grid_extensions(selection)
+        lines += ["", *(f"- {line}" for line in extended)] if extended else ["", "No grid was extended."]
+    if correlations:
+        lines += ["", "## How much the proxy still moves the ranking (k chosen on validation, reported prompts)", "",
+                  "Spearman correlation, among each prompt's samples, of the final score with the proxy and with minus "
+                  "the penalty alone; mean over prompts, then mean ± std over seeds (`ranking_correlations.csv`). "
+                  "Near 1 with the penalty and near 0 with the proxy: the penalty alone ranks.", "",
+                  "| method | penalty | k (per seed) | Spearman with proxy | Spearman with −penalty |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for method, penalty in dict.fromkeys((r["method"], r["penalty"]) for r in correlations):
+            mine = [r for r in correlations if (r["method"], r["penalty"]) == (method, penalty)]
+            proxy, alone = (np.array([r[c] for r in mine]) for c in ("spearman_with_proxy", "spearman_with_penalty"))
+            ks = [float(f"{r['k']:g}") for r in mine]
+            lines.append(f"| {method} | {penalty} | {ks} | {fmt(proxy)} | {fmt(alone)} |")
     lines += ["", "## Held-out pairs (noiseless gold labels): MAP vs LA (each seed's member 0)", "",
               "| seed | accuracy | BT NLL MAP | BT NLL LA | ECE MAP | ECE LA |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in pair_rows:
@@ -362,6 +396,8 @@ def write_summary(path: Path, args, table, selection, diagnostic_rows, seconds, 
     for stage, value in seconds.items():
         computed = computed_seconds.get(stage)
         lines.append(f"| {stage} | {value:.1f} | {'' if computed is None else f'{computed:.1f}'} |")
-    lines += ["", "Files: `bon_results.csv`, `bon_curves.png`, `k_selection.csv`, `bon_diagnostics.csv`, "
-              "`bon_length.csv`, `bon_classes.csv`, `bon_diagnostics.png`, `pair_metrics.csv`, cached stages in `cache/`."]  # fmt: skip
+    lines += ["", "Files: `bon_results.csv` (the grid fixed before the run), `bon_results_extended.csv` (ks added on "
+              "validation), `bon_curves.png`, `k_selection.csv`, `ranking_correlations.csv`, `bon_diagnostics.csv`, "
+              "`bon_length.csv`, `bon_classes.csv`, `bon_diagnostics.png`, `pair_metrics.csv`, cached stages in "
+              "`cache/`."]  # fmt: skip
     path.write_text("\n".join(lines) + "\n")

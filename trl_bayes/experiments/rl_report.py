@@ -13,10 +13,13 @@ TIMED_PARTS = ("generation", "scoring", "reference", "optimization")
 
 
 def method_label(method: str, args) -> str:
-    """`MAP`, or e.g. `LA (std, k=1)`: the method with its penalty (`args`: the PPO or GRPO script arguments)."""
+    """`MAP`, or e.g. `LA (std, k=1)`: the method with its penalty (`args`: the PPO or GRPO script arguments). LA and
+    LA-Ens name the relative variance when `args.uncertainty` picks it; the other methods' names say their variance."""
     if method == "MAP":
         return method
-    relative = ", relative" if args.uncertainty == "relative" else ""
+    if method == "Ens-UWO":
+        return f"{method} (uwo, k={args.k:g})"
+    relative = ", relative" if method in ("LA", "LA-Ens") and args.uncertainty == "relative" else ""
     return f"{method} ({args.penalty}, k={args.k:g}{relative})"
 
 
@@ -154,3 +157,105 @@ def gold_table(table: list[dict[str, Any]], seeds) -> list[str]:
             f"{t['best_step']} | {fmt(t['kl_last'])} | {fmt(t['proxy_last'])} |"
         )
     return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The KL study (scripts/study_kl.py): PPO over KL coefficients β, and the gold-vs-KL frontier.
+
+KL_BUDGETS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+"""KL budgets (nats, KL(policy || SFT) per completion on the held-out prompts) at which the frontier is read; fixed
+before any run (PPO without a KL penalty ends at 20-35 nats in 40 steps, docs/results.md)."""
+KL_RESULTS_COLUMNS = ["kl_coef", "method", "penalty", "k", "seed", "step", "kl", "proxy_reward", "gold_reward"]
+KL_FRONTIER_COLUMNS = ["method", "kl_budget", "gold_mean", "gold_std", "seeds", "gold_per_seed", "kl_coef_per_seed",
+                       "step_per_seed"]  # fmt: skip
+
+
+def kl_frontier(rows: list[dict[str, Any]], budgets=KL_BUDGETS) -> list[dict[str, Any]]:
+    """The gold-vs-KL frontier: per method and KL budget B, each seed's best gold over every evaluation (any β, any
+    step) whose KL is at most B, then mean ± std (population) over seeds. `rows`: `kl_results.csv`'s rows (numbers or
+    strings). A seed with no evaluation within B (only possible below the SFT policy's own KL of 0) gives NaN."""
+    import numpy as np
+
+    table = []
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    seeds = sorted({int(r["seed"]) for r in rows})
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        for budget in budgets:
+            best = []
+            for seed in seeds:
+                within = [r for r in mine if int(r["seed"]) == seed and float(r["kl"]) <= budget]
+                best.append(max(within, key=lambda r: float(r["gold_reward"])) if within else None)
+            gold = np.array([float(b["gold_reward"]) if b else np.nan for b in best])
+            table.append({
+                "method": method, "kl_budget": budget, "gold_mean": float(np.mean(gold)), "gold_std": float(np.std(gold)),
+                "seeds": len(seeds), "gold_per_seed": " ".join(f"{g:.4f}" for g in gold),
+                "kl_coef_per_seed": " ".join(f"{float(b['kl_coef']):g}" if b else "-" for b in best),
+                "step_per_seed": " ".join(str(int(b["step"])) if b else "-" for b in best),
+            })  # fmt: skip
+    return table
+
+
+def plot_kl_frontier(path: Path, frontier: list[dict[str, Any]], title: str) -> None:
+    """Gold vs KL budget, one line per method (mean ± std over seeds), log-scaled KL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for method in dict.fromkeys(f["method"] for f in frontier):
+        mine = [f for f in frontier if f["method"] == method]
+        budgets = np.array([f["kl_budget"] for f in mine])
+        mean, std = np.array([f["gold_mean"] for f in mine]), np.array([f["gold_std"] for f in mine])
+        (line,) = ax.plot(budgets, mean, marker="o", label=method)
+        ax.fill_between(budgets, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="KL budget: KL(policy || SFT) on held-out prompts [nats]",
+           ylabel="best gold within the budget (over β and steps)", title=title)  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_kl_summary(path: Path, rows, frontier, plan: list[str], seconds: dict[str, float]) -> None:
+    """`kl_summary.md`: the plan (grid, scale, k per method), the frontier table, and per β and method the final and
+    best gold and the final KL (mean ± std over seeds), and the time of each β's runs."""
+    import numpy as np
+
+    budgets = list(dict.fromkeys(f["kl_budget"] for f in frontier))
+    lines = ["# PPO with a KL penalty: the gold-vs-KL frontier", "", *[f"- {p}" for p in plan], "",
+             "## Frontier: best gold within each KL budget (over β and steps; mean ± std over seeds)", "",
+             "| method | " + " | ".join(f"KL ≤ {b:g}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]  # fmt: skip
+    for method in dict.fromkeys(f["method"] for f in frontier):
+        cells = {
+            f["kl_budget"]: f"{f['gold_mean']:.2f} ± {f['gold_std']:.2f}" for f in frontier if f["method"] == method
+        }
+        lines.append(f"| {method} | " + " | ".join(cells[b] for b in budgets) + " |")
+    lines += ["", "## Per β (mean ± std over seeds)", "",
+              "| β | method | gold at step 0 | final gold | best gold | final KL | final proxy (MAP) |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for beta in sorted({float(r["kl_coef"]) for r in rows}):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            runs: dict[int, list] = {}
+            for r in rows:
+                if float(r["kl_coef"]) == beta and r["method"] == method:
+                    runs.setdefault(int(r["seed"]), []).append(r)
+            if not runs:
+                continue
+            curves = [sorted(rs, key=lambda r: int(r["step"])) for rs in runs.values()]
+            stat = lambda values: f"{np.mean(values):.2f} ± {np.std(values):.2f}"  # noqa: E731
+            first, last = [float(c[0]["gold_reward"]) for c in curves], [float(c[-1]["gold_reward"]) for c in curves]
+            best = [max(float(r["gold_reward"]) for r in c) for c in curves]
+            lines.append(f"| {beta:g} | {method} | {stat(first)} | {stat(last)} | {stat(best)} | "
+                         f"{stat([float(c[-1]['kl']) for c in curves])} | "
+                         f"{stat([float(c[-1]['proxy_reward']) for c in curves])} |")  # fmt: skip
+    lines += ["", "## Time (s, wall)", "", "| runs | seconds |", "|---|---|"]
+    lines += [f"| {name} | {value:.0f} |" for name, value in seconds.items()]
+    lines += ["", "Files: `kl_results.csv` (every evaluation of every run), `kl_frontier.csv`, `kl_frontier.png`; each "
+              "β's PPO recipe output (`ppo_results.csv`, `ppo_curves.png`, `summary.md` with time per PPO step) under "
+              "`runs/`."]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")

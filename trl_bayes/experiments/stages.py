@@ -34,8 +34,9 @@ class WorldArguments:
             Alpaca template "...### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n".
         gold_reward (`str`): `world` (the offline world's known function) or a sequence-classification reward model
             (Hub id or folder), the oracle.
-        world (`str`): which offline world, `lists` (world 1, the default; exploit: repeated items) or `off_topic`
-            (world 2; exploit: other categories' items): its gold and demonstrations (`trl_bayes.experiments.world.World`).
+        world (`str`): which offline world, `lists` (world 1, the default; exploit: repeated items), `off_topic`
+            (world 2; exploit: other categories' items) or `rare` (world 3; the best answers, closed lists, are rare
+            in the SFT distribution): its gold and demonstrations (`trl_bayes.experiments.world.World`).
         world_seed, num_demonstrations, sft_*: the offline world (see `trl_bayes.experiments.world.WorldConfig`).
 
     Parameters that control the preference data and proxies:
@@ -61,7 +62,7 @@ class WorldArguments:
     prompts_split: str = field(default="train", metadata={"help": "Its split."})
     prompt_template: str = field(default="{instruction}", metadata={"help": "Format string over its columns."})
     gold_reward: str = field(default="world", metadata={"help": "'world' or a reward model (Hub id or folder)."})
-    world: str = field(default="lists", metadata={"help": "Offline world: 'lists' (world 1) or 'off_topic'."})
+    world: str = field(default="lists", metadata={"help": "Offline world: 'lists' (world 1), 'off_topic' or 'rare'."})
     world_seed: int = field(default=0, metadata={"help": "Offline world: seed of prompts and demonstrations."})
     num_demonstrations: int = field(default=6000, metadata={"help": "Offline world: SFT demonstrations."})
     sft_hidden_size: int = field(default=64, metadata={"help": "Offline world: SFT policy width."})
@@ -106,9 +107,9 @@ class WorldArguments:
             )
         if self.policy_name_or_path is not None and self.prompts_dataset_name is None:
             raise ValueError("--policy_name_or_path is set: also pass --prompts_dataset_name (the instructions).")
-        if self.world not in ("lists", "off_topic"):
+        if self.world not in ("lists", "off_topic", "rare"):
             raise ValueError(
-                f"--world {self.world!r}: choose 'lists' or 'off_topic' (trl_bayes.experiments.world.World)."
+                f"--world {self.world!r}: choose 'lists', 'off_topic' or 'rare' (trl_bayes.experiments.world.World)."
             )
         if self.world != "lists" and not (self.offline and self.gold_reward == "world"):
             raise ValueError(

@@ -4,7 +4,7 @@ preference data. Nothing here touches the Hugging Face Hub, so tests and the rec
 
 The preference data is a small "shopping list" world: a prompt asks for items of one category, a completion lists
 words. The gold score rewards distinct on-topic items and penalizes off-topic words and repetition, so a reward model
-has learnable but imperfect signal.
+has learnable but imperfect signal. Three worlds (`World`) vary the gold and the demonstrations.
 """
 
 from __future__ import annotations
@@ -130,6 +130,32 @@ def off_topic_gold_score(category: str, completion: str) -> float:
     return score
 
 
+CLOSED_LIST_BONUS = 3.0
+"""Gold bonus of a closed list in the rare world (`rare_gold_score`, `closes_list`)."""
+
+
+def closes_list(category: str, completion: str) -> bool:
+    """Whether a completion is a closed list, the rare world's best form: its last two words are "and" and an item of
+    `category` that is new (not earlier in the completion), after at least one earlier item of `category`, e.g.
+    "apple pear and plum". Demonstrations close a list rarely (`WorldConfig.p_closed_list`, or by chance)."""
+    words = completion.split()
+    items = set(CATEGORIES[category])
+    return (
+        len(words) >= 3
+        and words[-2] == "and"
+        and words[-1] in items
+        and words[-1] not in words[:-2]
+        and any(w in items for w in words[:-2])
+    )
+
+
+def rare_gold_score(category: str, completion: str) -> float:
+    """The oracle of the rare world (`World.RARE`): world 1's `gold_score`, plus `CLOSED_LIST_BONUS` (+3) for a closed
+    list (`closes_list`). The best answers are closed lists of distinct items, which the SFT policy writes rarely; its
+    typical answers are plain lists, worth world 1's gold only."""
+    return gold_score(category, completion) + (CLOSED_LIST_BONUS if closes_list(category, completion) else 0.0)
+
+
 def _random_completion(rng: random.Random, category: str) -> str:
     pool = CATEGORIES[category] * 2 + rng.choice(list(CATEGORIES.values())) + FILLER_WORDS
     return " ".join(rng.choice(pool) for _ in range(rng.randint(1, 8)))
@@ -184,6 +210,11 @@ class World(str, Enum):
     """World 2 (`off_topic_gold_score`, `OFF_TOPIC_DEMONSTRATIONS`): +1 per distinct on-topic item, -1 per item of
     another category, repeats and fillers free; demonstrations mix in other categories' items more often. Exploit:
     long lists padded with items of other categories (telling them apart needs the prompt's category)."""
+    RARE = "rare"
+    """World 3 (`rare_gold_score`, `RARE_DEMONSTRATIONS`): world 1's gold plus +3 for a closed list ("apple pear and
+    plum", `closes_list`), which about 3% of the demonstrations and 1% of the SFT policy's samples are. Its gold does
+    not favour typical answers: the best answers are rare in the SFT distribution, the typical ones mediocre. Exploit:
+    world 1's (repeated items). Fixed on MAP's Best-of-n curve alone (docs/uncertainty_study.md)."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +229,8 @@ class WorldConfig:
         p_on_topic, p_off_topic, p_filler, p_repeat: probabilities of each next demonstration word being a new item
             of the requested category, an item of another category, a filler word, or a repeat of an earlier word
             (renormalized when a kind is unavailable, e.g. no earlier word to repeat).
+        p_closed_list: probability that a demonstration of 3 or more words is made a closed list (`closes_list`): its
+            last two words replaced by "and" and a new item of the category. 0 (worlds 1 and 2) draws nothing more.
     """
 
     seed: int = 0
@@ -208,6 +241,7 @@ class WorldConfig:
     p_off_topic: float = 0.1
     p_filler: float = 0.15
     p_repeat: float = 0.15
+    p_closed_list: float = 0.0
 
     def __post_init__(self):
         total = len(OPENERS) * len(QUANTIFIERS) * len(CATEGORIES)
@@ -216,6 +250,8 @@ class WorldConfig:
         probabilities = (self.p_on_topic, self.p_off_topic, self.p_filler, self.p_repeat)
         if min(probabilities) < 0 or self.p_on_topic <= 0:
             raise ValueError(f"WorldConfig word probabilities must be >= 0 (p_on_topic > 0), got {probabilities}.")
+        if not 0.0 <= self.p_closed_list <= 1.0:
+            raise ValueError(f"WorldConfig.p_closed_list must be in [0, 1], got {self.p_closed_list}.")
         if self.max_demo_words < 1 or self.num_demonstrations < 1:
             raise ValueError("WorldConfig.max_demo_words and num_demonstrations must be >= 1.")
 
@@ -224,12 +260,16 @@ OFF_TOPIC_DEMONSTRATIONS = dict(p_on_topic=0.5, p_off_topic=0.3, p_filler=0.1, p
 """The demonstrations' word distribution of the off-topic world (`World.OFF_TOPIC`)."""
 
 
+RARE_DEMONSTRATIONS = dict(p_closed_list=0.02)
+"""The demonstrations of the rare world (`World.RARE`): world 1's word distribution, 2% of them made closed lists (with
+those closed by chance, about 3% in all)."""
+
+
 def world_config(world: World | str = World.LISTS, **kwargs) -> WorldConfig:
-    """The `WorldConfig` of `world`: the defaults for `lists`, `OFF_TOPIC_DEMONSTRATIONS` for `off_topic`; `kwargs`
-    (seed, sizes) pass through."""
-    if World(world) == World.OFF_TOPIC:
-        kwargs = {**OFF_TOPIC_DEMONSTRATIONS, **kwargs}
-    return WorldConfig(**kwargs)
+    """The `WorldConfig` of `world`: the defaults for `lists`, `OFF_TOPIC_DEMONSTRATIONS` for `off_topic`,
+    `RARE_DEMONSTRATIONS` for `rare`; `kwargs` (seed, sizes) pass through."""
+    demonstrations = {World.LISTS: {}, World.OFF_TOPIC: OFF_TOPIC_DEMONSTRATIONS, World.RARE: RARE_DEMONSTRATIONS}
+    return WorldConfig(**{**demonstrations[World(world)], **kwargs})
 
 
 def world_prompts() -> list[str]:
@@ -298,9 +338,16 @@ def off_topic_gold_reward(prompts: list[str], completions: list[str], **kwargs) 
     return [off_topic_gold_score(prompt_category(p), c) for p, c in zip(prompts, completions, strict=True)]
 
 
+def rare_gold_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """The rare world's oracle as a TRL reward function (`rare_gold_score`)."""
+    return [rare_gold_score(prompt_category(p), c) for p, c in zip(prompts, completions, strict=True)]
+
+
 def world_gold_reward(world: World | str = World.LISTS) -> Callable[..., list[float]]:
     """The gold reward function of `world`."""
-    return off_topic_gold_reward if World(world) == World.OFF_TOPIC else gold_reward
+    return {World.LISTS: gold_reward, World.OFF_TOPIC: off_topic_gold_reward, World.RARE: rare_gold_reward}[
+        World(world)
+    ]
 
 
 def demonstration(rng: random.Random, category: str, config: WorldConfig) -> str:
@@ -319,6 +366,12 @@ def demonstration(rng: random.Random, category: str, config: WorldConfig) -> str
         kind = rng.choices(range(4), weights=weights)[0]
         pool = (fresh, others, FILLER_WORDS, words)[kind]
         words.append(rng.choice(pool))
+    # Drawn only when the world closes lists, so that worlds 1 and 2 keep their random streams (and their caches).
+    if config.p_closed_list and len(words) >= 3 and rng.random() < config.p_closed_list:
+        head = words[:-2]
+        if not any(w in items for w in head):
+            head[0] = rng.choice(items)
+        words = [*head, "and", rng.choice([w for w in items if w not in head])]
     return " ".join(words)
 
 
