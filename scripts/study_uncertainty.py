@@ -158,6 +158,9 @@ def run_results(run_dir: Path, seeds: list[int]) -> dict[tuple[str, str], dict]:
     at the k each seed chose on its validation prompts (`k_selection.csv`), the k's, and the validation gold at the
     largest n of those k (`validation`, `None` for a method without k)."""
     rows = read_csv(run_dir / "bon_results.csv")
+    # The curves of the ks a saturated grid added (bon.py's k-grid extension) are in a file of their own.
+    extended = run_dir / "bon_results_extended.csv"
+    rows += read_csv(extended) if extended.exists() else []
     picks = [r for r in read_csv(run_dir / "k_selection.csv") if r["chosen"] == "True"]
     chosen = {(r["seed"], r["method"], r["penalty"]): r["k"] for r in picks}
     validation = {(r["seed"], r["method"], r["penalty"]): float(r["validation_gold_at_max_n"]) for r in picks}
