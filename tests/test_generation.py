@@ -319,3 +319,28 @@ def test_reference_logprobs_of_a_peft_policy_are_the_base_models(policy, tokeniz
     assert not torch.allclose(adapted, base)  # the random adapter changes the policy: the check above is not vacuous
     with pytest.raises(ValueError, match="No reference policy"):
         reference_logprobs(policy, None, *inputs)
+
+
+def test_scoring_forwards_of_a_caching_policy_build_no_cache_and_give_the_same_logprobs(
+    policy, tokenizer, monkeypatch
+):
+    """A policy whose config asks for a KV cache (as Hub checkpoints do) is scored with `use_cache=False`: no cache is
+    built, and the log-probabilities equal those of the same policy with caching off in its config."""
+    from trl_bayes.generation import no_cache
+
+    caching = copy.deepcopy(policy)
+    caching.config.use_cache = True
+    prompt_ids, _ = tokenize_prompts(tokenizer, PROMPTS)
+    out = generate(policy, prompt_ids, sampling(tokenizer), seed=4)
+    inputs = (out.input_ids, out.attention_mask, out.prompt_length)
+    seen = []
+    forward = type(caching).forward
+    monkeypatch.setattr(
+        type(caching), "forward", lambda self, *a, **kw: seen.append(kw.get("use_cache")) or forward(self, *a, **kw)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logprobs(caching, *inputs)[0], completion_logprobs(policy, *inputs)[0])
+    assert seen == [False, None]  # the caching policy is told not to cache; the non-caching one is called as before
+    assert (
+        no_cache(caching) == {"use_cache": False} and no_cache(policy) == {} and no_cache(torch.nn.Linear(1, 1)) == {}
+    )

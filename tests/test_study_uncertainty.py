@@ -180,3 +180,21 @@ def test_plan_covers_three_worlds_the_baselines_and_five_seeds(study, capsys, tm
     flags = next(line for line in lines if "--world rare" in line and "minilm" not in line).split()[2:]
     result = run_recipe(RECIPES / "bon.py", *flags, "--dry_run", "true", "--output_dir", str(tmp_path / "bon"))
     assert "Best-of-N plan:" in result.stdout
+
+
+def test_a_k_the_grid_extension_added_is_read_from_the_extended_results(study, tmp_path):
+    """bon.py writes the curves of ks its k-grid extension added to `bon_results_extended.csv`; a seed that chose such
+    a k is read from there (the study crashed with a KeyError before it read that file)."""
+    gold = {("MAP", "none", "0.0", "0"): [1.0, 2.0, 0.5], ("LA", "std", "1.0", "0"): [1.0, 2.5, 1.5]}
+    write_run(tmp_path / "run", gold, {("0", "LA", "std"): "1.0"})
+    with (tmp_path / "run" / "bon_results_extended.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "penalty", "k", "seed", "n", "kl", "proxy_reward", "gold_reward"])
+        for n, g in zip((1, 2, 4), (1.0, 3.0, 2.5), strict=True):
+            writer.writerow(["LA", "std", "4.0", "0", n, 0.0, 0.0, g])
+    with (tmp_path / "run" / "k_selection.csv").open("w", newline="") as f:  # the added k = 4 is the pick
+        writer = csv.writer(f)
+        writer.writerow(["seed", "method", "penalty", "k", "validation_gold_at_max_n", "chosen"])
+        writer.writerows([["0", "LA", "std", "1.0", 0.0, False], ["0", "LA", "std", "4.0", 0.0, True]])
+    entry = study.run_results(tmp_path / "run", [0])["LA", "std"]
+    assert entry["last"] == [2.5] and entry["best"] == [3.0] and entry["k"] == [4.0]

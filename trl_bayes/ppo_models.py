@@ -12,6 +12,7 @@ from transformers import MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING, PreTrainedModel
 from transformers.trainer_pt_utils import get_parameter_names
 
 from .distributed import whole_weights
+from .generation import no_cache
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -28,7 +29,8 @@ class PolicyAndValue(torch.nn.Module):
 
     def forward(self, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy logits `(B, L, V)` and values `(B, L, 1)` of the same inputs."""
-        return self.policy(**inputs).logits, self.value_model(**inputs).logits
+        policy, value_model = self.policy, self.value_model
+        return policy(**inputs, **no_cache(policy)).logits, value_model(**inputs, **no_cache(value_model)).logits
 
 
 def value_model_from_policy(policy: PreTrainedModel | PeftModel) -> PreTrainedModel:
