@@ -278,7 +278,9 @@ def test_model_given_by_path_is_recorded_as_base_model(tokenizer, tmp_path):
     loaded = BayesianRewardModel.from_pretrained(tmp_path / "out")
     assert loaded.metadata["base_model"] == str(base_dir)
     expected = trainer.posterior.predict(["name a few tools : "], ["saw"])
-    torch.testing.assert_close(loaded.predict(["name a few tools : "], ["saw"]), expected)
+    # 8 pairs: the fit eigendecomposes each Kronecker factor from its 16 rows (low rank); the reload decomposes the
+    # same saved factors densely. Two float32 eigendecompositions of one matrix: variances equal to float32 round-off.
+    torch.testing.assert_close(loaded.predict(["name a few tools : "], ["saw"]), expected, rtol=2e-5, atol=1e-6)
 
 
 def test_half_precision_model_is_refused_before_the_fit(tokenizer, tmp_path):

@@ -77,6 +77,7 @@ def test_every_recipe_runs_under_the_config(tmp_path, config):
     with (bon / "bon_results.csv").open() as f:
         rows = list(csv.DictReader(f))
     methods = {"MAP", "LA", "LA-rel", "Ens", "Ens-WCO", "Ens-UWO", "LA-Ens", "LA-Ens-rel"}
+    methods |= {"Prior-rel", "Hidden-Euc", "Hidden-Maha", "SFT-NLL"}  # the typicality baselines (issue 16)
     assert {r["method"] for r in rows} == methods  # the relative variance is scored by whole prompts per process
 
     # 3. PPO and GRPO, one step each, on the world and proxies cached by the Best-of-N run
