@@ -19,7 +19,7 @@ Defaults, each in one place: `GRPOScriptArguments` (below) and `WorldArguments` 
 `PROXY_DEFAULTS` (`trl_bayes.experiments.proxies`) for the proxies' training and LoRA; `main()` from Python runs the
 bare command line's run. In your own TRL script the drop-in is two lines:
 
-    reward = PenalizedReward(BayesianRewardModel.from_pretrained("my-laplace-rm"), penalty="std", k=1.0)
+    reward = PenalizedReward(BayesianRewardModel.from_pretrained("my-laplace-rm"))  # or uncertainty="relative", ...
     trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=GRPOConfig(...), train_dataset=prompts)
 """
 

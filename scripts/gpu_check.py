@@ -3,8 +3,9 @@ paper's shapes (random weights, random token ids; nothing is downloaded) and pri
 
 1. the Laplace fit (float32, `BayesianRewardTrainer.fit_posterior`) against one MAP training epoch (bf16 mixed
    precision, `trainer.train()`) of the Pythia-70M-shaped reward model over the same preference pairs;
-2. (mean, var) scoring (`predict`) and relative scoring (`predict_relative`, groups of `--group_size`) against MAP
-   scoring (`predict(..., return_var=False)`), in responses per second;
+2. (mean, var) scoring (`predict`), relative scoring (`predict_relative`, groups of `--group_size`) and the
+   hidden-state Mahalanobis typicality (`PenalizedReward(..., uncertainty="hidden_mahalanobis")`) against MAP scoring
+   (`predict(..., return_var=False)`), in responses per second;
 3. Best-of-N with a Pythia-1.4B-shaped policy (bf16) and the penalized Bayesian reward (`BestOfNSampler`), in samples
    per second (generation and scoring);
 4. one PPO step (`PPOTrainer`, LoRA on the 1.4B policy, a Pythia-70M-shaped value model, bf16), split into its parts;
@@ -15,8 +16,8 @@ The models are GPT-NeoX built from configs whose numbers are those of the Pythia
 arXiv 2304.01373): see `PYTHIA_70M` and `PYTHIA_1_4B`. The tokenizer is a word-level one with as many tokens as
 Pythia's vocabulary, so that embeddings and heads have their real sizes.
 
-STATUS: this script has NOT been run on a GPU yet (no GPU was available where it was written). Its `--tiny` mode, the
-same code on CPU with tiny configs, is tested (tests/test_gpu_check.py). Expect to adjust batch sizes on first use.
+Run on one H200 on 2026-11-28 with the defaults below (README, "GPU check", has the table); its `--tiny` mode, the
+same code on CPU with tiny configs, is tested (tests/test_gpu_check.py).
 
     python scripts/gpu_check.py            # one CUDA device (cuda:0); a few minutes on an H100/H200
     python scripts/gpu_check.py --tiny     # the same code on CPU with tiny models, under a minute
@@ -70,7 +71,7 @@ TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "in
 TINY_VOCAB_SIZE = 512
 
 GiB = 2**30
-SCORING = ("MAP scoring", "(mean, var) scoring", "relative scoring")
+SCORING = ("MAP scoring", "(mean, var) scoring", "relative scoring", "hidden-Mahalanobis scoring")
 PPO_PARTS = ("generation", "scoring", "reference", "optimization")
 
 
@@ -162,6 +163,7 @@ class Clock:
     def record(self, name: str, seconds: float) -> None:
         peak = torch.cuda.max_memory_allocated(self.device) / GiB if self.device.type == "cuda" else math.nan
         self.rows[name] = {"seconds": seconds, "peak_gib": peak}
+        print(f"  done: {name} in {seconds:.3f} s", flush=True)  # progress, and what a crash later leaves behind
 
 
 class EpochTimer(TrainerCallback):
@@ -243,6 +245,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     clock.run("MAP scoring", lambda: posterior.predict(score_prompts, completions, bs, return_var=False), args.repeats)
     clock.run("(mean, var) scoring", lambda: posterior.predict(score_prompts, completions, bs), args.repeats)
     clock.run("relative scoring", lambda: posterior.predict_relative(score_prompts, completions, bs), args.repeats)
+    # The typicality baseline (issue 16): one forward for the hidden states, no backward.
+    hidden = PenalizedReward(posterior, penalty="var", uncertainty="hidden_mahalanobis", batch_size=bs)
+    clock.run("hidden-Mahalanobis scoring", lambda: hidden.predict(score_prompts, completions), args.repeats)
 
     # 3. Best-of-N: the policy (bf16 on a GPU) samples, the penalized reward (relative std) scores.
     policy_config = gpt_neox_config(policy_shape, vocab_size, tokenizer)
@@ -253,8 +258,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         do_sample=True, temperature=1.0, max_new_tokens=args.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
+    reward = PenalizedReward(posterior, penalty="std", uncertainty="relative", batch_size=bs)
     sampler = BestOfNSampler(
-        policy, tokenizer, PenalizedReward(posterior, batch_size=bs), n=args.bon_n, generation_config=generation_config,
+        policy, tokenizer, reward, n=args.bon_n, generation_config=generation_config,
         prompt_batch_size=max(1, args.bon_prompts // 2), score_batch_size=bs * 2, progress_bar=False,
     )  # fmt: skip
     bon_prompts = prompts[: args.bon_prompts]
@@ -268,9 +274,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ppo_policy = GPTNeoXForCausalLM(policy_config)
         value_model = GPTNeoXForTokenClassification(gpt_neox_config(reward_shape, vocab_size, tokenizer, num_labels=1))
     micro = min(args.ppo_batch_size, 16)
+    # One completion per prompt: the paper's marginal std penalty, k in reward units.
+    ppo_reward = PenalizedReward(posterior, "std", 1.0, bs, uncertainty="marginal", scale="absolute")
     ppo = PPOTrainer(
         ppo_policy,
-        PenalizedReward(posterior, uncertainty="marginal", batch_size=bs),  # one completion per prompt
+        ppo_reward,
         PPOConfig(
             out.name,
             use_cpu=args.tiny,
@@ -313,6 +321,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{rate['(mean, var) scoring'] / rate['MAP scoring']:.2f} x MAP",
         "relative scoring": f"{rate['relative scoring']:.1f} responses/s = "
         f"{rate['relative scoring'] / rate['MAP scoring']:.2f} x MAP",
+        "hidden-Mahalanobis scoring": f"{rate['hidden-Mahalanobis scoring']:.1f} responses/s = "
+        f"{rate['hidden-Mahalanobis scoring'] / rate['MAP scoring']:.2f} x MAP",
         "Best-of-N (generate + score)": f"{bon_rate:.1f} samples/s",
         "PPO step": ", ".join(f"{name} {seconds:.2f} s" for name, seconds in parts.items()),
     }
@@ -331,6 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fit_over_map_epoch": fit / epoch,
         "mean_var_over_map_scoring": rate["(mean, var) scoring"] / rate["MAP scoring"],
         "relative_over_map_scoring": rate["relative scoring"] / rate["MAP scoring"],
+        "hidden_mahalanobis_over_map_scoring": rate["hidden-Mahalanobis scoring"] / rate["MAP scoring"],
         "best_of_n_samples_per_second": bon_rate,
         "ppo_step_seconds": sum(parts.values()),
     }

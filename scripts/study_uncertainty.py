@@ -51,6 +51,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import mean, pstdev
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 BON = REPO / "recipes" / "bon.py"
@@ -370,6 +372,116 @@ def plot(path: Path, rows: list[dict], penalty: str = "std") -> None:
     plt.close(fig)
 
 
+# `PenalizedReward(uncertainty=...)` of each bon.py method a single reward model runs: the candidates of the defaults.
+SINGLE_MODEL_OPTIONS = {
+    "LA": "marginal",
+    "LA-rel": "relative",
+    "Prior-rel": "prior_relative",
+    "Hidden-Euc": "hidden_euclidean",
+    "Hidden-Maha": "hidden_mahalanobis",
+}
+
+
+def choose_defaults(run_dirs: dict[tuple[str, str], Path]) -> dict[str, Any]:
+    """Issue 16's rule for `PenalizedReward`'s defaults, from validation gold alone (`k_selection.csv` of each panel's
+    `default` run, keyed by (world, backbone)):
+
+    1. the option (method's uncertainty, penalty, scale) with the best mean over panels of its per-panel mean
+       validation gold at the largest n, k chosen per seed on validation; options missing from a panel are left out;
+    2. k: the value of the base grid (`added` False: fixed before the run) with the best validation gold pooled over
+       every panel and seed; the grid's extensions ran only where a seed hit an edge, so they are not pooled.
+
+    Returns the ranking `options` (best first), the `pick`, its `k`, the pooled gold per base-grid k (`ks`), and, for
+    the report only (never for the choice), `reported`: per panel, the reported prompts' gold at the largest n of the
+    pick at that fixed k and of MAP, each a list over seeds (`bon_results.csv`)."""
+    panels: dict[tuple[str, str], dict[str, float]] = {}
+    pooled: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for panel, run_dir in run_dirs.items():
+        chosen: dict[tuple[str, str], list[float]] = {}
+        for row in read_csv(run_dir / "k_selection.csv"):
+            if row["method"] not in SINGLE_MODEL_OPTIONS:
+                continue
+            option, gold = (row["method"], row["penalty"]), float(row["validation_gold_at_max_n"])
+            if row["chosen"] == "True":
+                chosen.setdefault(option, []).append(gold)
+            if row.get("added", "False") == "False":
+                pooled.setdefault(option, {}).setdefault(float(row["k"]), []).append(gold)
+        for option, golds in chosen.items():
+            panels.setdefault(option, {})[f"{panel[0]}/{panel[1]}"] = sum(golds) / len(golds)
+    complete = {option: by_panel for option, by_panel in panels.items() if len(by_panel) == len(run_dirs)}
+    if not complete:
+        raise ValueError(f"No single-model option was selected in every one of the {len(run_dirs)} panels.")
+    options = sorted(
+        ({"method": m, "penalty": p, "mean": sum(v.values()) / len(v), **v} for (m, p), v in complete.items()),
+        key=lambda row: -row["mean"],
+    )
+    best = options[0]
+    ks = {k: sum(golds) / len(golds) for k, golds in sorted(pooled[best["method"], best["penalty"]].items())}
+    penalty, _, scale = best["penalty"].partition("-")
+    pick = {"uncertainty": SINGLE_MODEL_OPTIONS[best["method"]], "penalty": penalty, "scale": scale or "absolute"}
+    k = max(ks, key=ks.get)
+    reported = {}
+    for (world, backbone), run_dir in run_dirs.items():
+        rows = read_csv(run_dir / "bon_results.csv")
+        largest = max(int(row["n"]) for row in rows)
+        gold = {
+            name: [float(r["gold_reward"]) for r in rows if int(r["n"]) == largest and match(r)]
+            for name, match in (
+                (
+                    "default",
+                    lambda r: (r["method"], r["penalty"], float(r["k"])) == (best["method"], best["penalty"], k),
+                ),
+                ("MAP", lambda r: r["method"] == "MAP"),
+            )
+        }
+        by_n: dict[int, list[float]] = {}
+        for r in rows:
+            if r["method"] == "MAP":
+                by_n.setdefault(int(r["n"]), []).append(float(r["gold_reward"]))
+        gold["MAP at its best n"] = max(by_n.values(), key=mean)  # the n with the best mean gold over seeds
+        reported[f"{world}/{backbone}"] = gold
+    return {"options": options, "pick": pick, "k": k, "ks": ks, "reported": reported}
+
+
+def write_defaults(path: Path, defaults: dict[str, Any]) -> None:
+    """`defaults.md`: the rule's ranking and pick, for the README and `penalties.DEFAULT_*`."""
+    pick, panels = defaults["pick"], [key for key in defaults["options"][0] if "/" in key]
+    lines = [
+        "# PenalizedReward defaults by issue 16's rule (validation gold only)",
+        "",
+        f"Pick: `uncertainty={pick['uncertainty']!r}`, `penalty={pick['penalty']!r}`, `scale={pick['scale']!r}`, "
+        f"`k={defaults['k']}`.",
+        "",
+        "Base-grid k, validation gold pooled over panels and seeds: "
+        + ", ".join(f"k={k}: {gold:.3f}" for k, gold in defaults["ks"].items()),
+        "",
+        "Reported prompts, gold at the largest n (mean ± std over seeds; for the record, not used by the rule):",
+        "",
+        "| panel | default at fixed k | MAP | MAP at its best n | Δ to MAP | Δ to MAP at its best n |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *(
+            f"| {panel} | "
+            + " | ".join(
+                f"{mean(g[name]):.2f} ± {pstdev(g[name]):.2f}" for name in ("default", "MAP", "MAP at its best n")
+            )
+            + f" | {mean(g['default']) - mean(g['MAP']):+.2f} | {mean(g['default']) - mean(g['MAP at its best n']):+.2f} |"
+            for panel, g in defaults["reported"].items()
+        ),
+        "",
+        "Validation gold at the largest n, k chosen per seed on validation, per panel:",
+        "",
+        "| method | penalty | mean | " + " | ".join(panels) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in panels) + " |",
+    ]
+    for row in defaults["options"]:
+        lines.append(
+            f"| {row['method']} | {row['penalty']} | {row['mean']:.3f} | "
+            + " | ".join(f"{row[p]:.2f}" for p in panels)
+            + " |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=list(SCALES), default="default")
@@ -430,6 +542,10 @@ def main(argv: list[str] | None = None) -> None:
         writer.writerows(diagnostics)
     write_markdown(output_dir / "study.md", rows, args.scale, seeds, diagnostics)
     plot(output_dir / "study.png", rows)
+    default_runs = {(w, b): run_dir for (w, b, option), run_dir in finished.items() if option == "default"}
+    if default_runs:
+        write_defaults(output_dir / "defaults.md", choose_defaults(default_runs))
+        print((output_dir / "defaults.md").read_text())
     total = sum(r["seconds"] for r in record.values())
     print((output_dir / "study.md").read_text())
     print(f"[study] {len(runs)} runs, {total:.0f} s of bon.py in all; results in {output_dir}")

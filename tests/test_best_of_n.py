@@ -335,7 +335,7 @@ def test_peft_policy(policy, tokenizer):
 def test_sampler_with_a_penalized_bayesian_reward(policy, tokenizer, tmp_path):
     trainer = make_trainer(tokenizer, tmp_path, num_pairs=16)
     trainer.train()
-    reward = PenalizedReward(trainer.posterior, penalty="std", k=1.0, uncertainty="marginal")
+    reward = PenalizedReward(trainer.posterior, penalty="std", k=1.0, uncertainty="marginal", scale="absolute")
     out = make_sampler(policy, tokenizer, reward=reward, n=3, score_batch_size=4)(PROMPTS[:2])
     flat = [(p, c) for p, row in zip(PROMPTS[:2], out.completions, strict=True) for c in row]
     mean, var = trainer.posterior.predict([p for p, _ in flat], [c for _, c in flat])
@@ -343,7 +343,7 @@ def test_sampler_with_a_penalized_bayesian_reward(policy, tokenizer, tmp_path):
     np.testing.assert_array_equal(out.best_index, out.scores.argmax(1))
 
     # The relative variance: each prompt's n candidates reach the reward together (score_batch_size=4 holds 1 prompt).
-    relative = PenalizedReward(trainer.posterior, penalty="std", k=1.0, uncertainty="relative")
+    relative = PenalizedReward(trainer.posterior, penalty="std", k=1.0, uncertainty="relative", scale="absolute")
     out = make_sampler(policy, tokenizer, reward=relative, n=3, score_batch_size=4)(PROMPTS[:2])
     flat = [(p, c) for p, row in zip(PROMPTS[:2], out.completions, strict=True) for c in row]
     mean, _, rel = trainer.posterior.predict_relative([p for p, _ in flat], [c for _, c in flat])

@@ -1,5 +1,5 @@
 """scripts/gpu_check.py --tiny: the GPU check's code, end to end on CPU with tiny models (the GPU run itself needs a
-CUDA device and has not been made here)."""
+CUDA device; CI has none)."""
 
 from __future__ import annotations
 

@@ -123,12 +123,10 @@ def test_rank_of_predictions_equals_the_callable(members, full_predictions, num_
     kwargs = dict(penalty=penalty.value, k=0.7, uncertainty=uncertainty, scale=scale, batch_size=3)
     predictions = full_predictions.subset(list(range(num_members)))
     ensemble_only = penalty in (Penalty.WCO, Penalty.UWO) and num_members == 1
-    if ensemble_only or (scale == "prompt" and penalty not in (Penalty.STD, Penalty.VAR)):
-        # Refused alike by the callable and by the pure path, with the same message.
-        match = "ensemble penalty" if ensemble_only else "applies to the 'std' and 'var'"
-        with pytest.raises(ValueError, match=match):
+    if ensemble_only:  # refused alike by the callable and by the pure path, with the same message
+        with pytest.raises(ValueError, match="ensemble penalty"):
             PenalizedReward(models, **kwargs)
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(ValueError, match="ensemble penalty"):
             penalize(predictions, penalty, 0.7, uncertainty, scale)
         return
     reward = PenalizedReward(models, **kwargs)
@@ -151,7 +149,7 @@ def test_score_parts_come_from_the_predictions(members, full_predictions):
     )
     torch.testing.assert_close(parts["variances"], full_predictions.relative_variances)
     torch.testing.assert_close(parts["marginal_variances"], full_predictions.variances)
-    torch.testing.assert_close(parts["reward"], penalize(full_predictions, "var", 2.0, "relative"))
+    torch.testing.assert_close(parts["reward"], penalize(full_predictions, "var", 2.0, "relative", "prompt"))
 
 
 def test_prompt_groups_number_prompts_in_order_of_appearance():
@@ -280,7 +278,10 @@ def test_a_reference_set_that_is_the_group_gives_the_groups_scores(members, full
     completion gets what it gets when the whole group is scored at once."""
     reference = {p: [c for q, c in zip(PROMPTS, COMPLETIONS, strict=True) if q == p] for p in set(PROMPTS)}
     firsts = [PROMPTS.index(p) for p in dict.fromkeys(PROMPTS)]
-    reward = PenalizedReward(members, uncertainty=uncertainty, batch_size=3, reference=reference)
+    # scale="absolute": one completion per prompt has no spread to scale k by (refused with "prompt", the default).
+    reward = PenalizedReward(members, uncertainty=uncertainty, batch_size=3, reference=reference, scale="absolute")
+    with pytest.raises(ValueError, match="scale='prompt' measures .* single completion.*pass scale='absolute'"):
+        PenalizedReward(members, uncertainty=uncertainty, reference=reference)(PROMPTS[:1], COMPLETIONS[:1])
     single = reward.predict([PROMPTS[i] for i in firsts], [COMPLETIONS[i] for i in firsts])
     field = UNCERTAINTY_FIELDS[uncertainty]
     torch.testing.assert_close(vars(single)[field], vars(full_predictions)[field][:, firsts], rtol=1e-5, atol=1e-8)

@@ -187,7 +187,7 @@ def test_lonely_prompt_is_refused(tiny, tokenizer):
 def test_penalized_reward_relative_per_member_then_combined(tiny, tokenizer):
     model, pairs = tiny
     members = [_posterior(model, tokenizer, pairs, s) for s in ("kron", "diag")]
-    reward = PenalizedReward(members, penalty="std", k=2.0, uncertainty="relative", batch_size=3)
+    reward = PenalizedReward(members, penalty="std", k=2.0, uncertainty="relative", batch_size=3, scale="absolute")
     parts = reward.score(PROMPTS, COMPLETIONS)
     relatives = torch.stack([m.predict_relative(PROMPTS, COMPLETIONS, batch_size=3)[2] for m in members])
     torch.testing.assert_close(parts["variances"], relatives)

@@ -111,31 +111,50 @@ def test_penalized_reward_is_the_formula_over_predictions(members):
     means = torch.stack([p[0] for p in parts])
     variances = torch.stack([p[1] for p in parts])
     for penalty, k in [("std", 0.7), ("var", 2.0), ("none", 1.0)]:
-        got = PenalizedReward(members, penalty=penalty, k=k, uncertainty="marginal")(PROMPTS, COMPLETIONS)
+        reward = PenalizedReward(members, penalty=penalty, k=k, uncertainty="marginal", scale="absolute")
+        got = reward(PROMPTS, COMPLETIONS)
         assert isinstance(got, list) and len(got) == 3
         torch.testing.assert_close(torch.tensor(got), penalized_reward(means, variances, penalty, k))
-    single = PenalizedReward(members[0], penalty="std", k=1.0, uncertainty="marginal")(PROMPTS, COMPLETIONS)
-    torch.testing.assert_close(torch.tensor(single), means[0] - variances[0].sqrt())
-    uwo = PenalizedReward(members, penalty="uwo", k=3.0)(PROMPTS, COMPLETIONS)
+    single = PenalizedReward(members[0], penalty="std", k=1.0, uncertainty="marginal", scale="absolute")
+    torch.testing.assert_close(torch.tensor(single(PROMPTS, COMPLETIONS)), means[0] - variances[0].sqrt())
+    uwo = PenalizedReward(members, penalty="uwo", k=3.0, scale="absolute")(PROMPTS, COMPLETIONS)
     torch.testing.assert_close(torch.tensor(uwo), means.mean(0) - 3.0 * means.var(0, unbiased=False))
 
 
 def test_penalized_reward_prompt_scale_groups_equal_prompts(members):
-    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[2]]
-    completions = ["apple pear", "saw", "fig fig", "saw saw saw", "hammer", "red blue"]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    completions = ["apple pear", "saw", "fig fig", "saw saw saw", "hammer"]
     parts = [m.predict(prompts, completions) for m in members]
     means, variances = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
     got = PenalizedReward(members, penalty="std", k=0.7, scale="prompt", uncertainty="marginal")(prompts, completions)
-    groups = torch.tensor([0, 1, 0, 1, 1, 2])
+    groups = torch.tensor([0, 1, 0, 1, 1])
     torch.testing.assert_close(torch.tensor(got), penalized_reward(means, variances, "std", 0.7, "prompt", groups))
-    assert got[5] == pytest.approx(means[:, 5].mean().item())  # a prompt alone: no spread, no penalty
     assert not torch.allclose(torch.tensor(got), penalized_reward(means, variances, "std", 0.7))
-    with pytest.raises(ValueError, match="applies to the 'std' and 'var'"):
-        PenalizedReward(members, penalty="uwo", scale="prompt")
+    # uwo's members' spread, in units of the prompt's reward sd per unit of its mean spread, by hand in float64.
+    mean, spread = means.double().mean(0), means.double().var(0, unbiased=False)
+    expected = torch.empty(5, dtype=torch.float64)
+    for rows in ([0, 2], [1, 3, 4]):
+        factor = mean[rows].std(unbiased=False) / spread[rows].mean()
+        expected[rows] = mean[rows] - 3.0 * factor * spread[rows]
+    uwo = PenalizedReward(members, penalty="uwo", k=3.0, scale="prompt")(prompts, completions)
+    torch.testing.assert_close(torch.tensor(uwo, dtype=torch.float64), expected, rtol=1e-5, atol=1e-6)
+    # A prompt alone has no spread to scale k by: refused with the fix, never a silent zero penalty.
+    for penalty in ("std", "uwo"):
+        with pytest.raises(ValueError, match="scale='prompt' measures .* single completion.*scale='absolute'"):
+            PenalizedReward(members, penalty=penalty, uncertainty="marginal", scale="prompt")(
+                prompts + [PROMPTS[2]], completions + ["red"]
+            )
+    # The penalties without a k ignore the scale.
+    alone = PenalizedReward(members, penalty="wco", scale="prompt")(PROMPTS, COMPLETIONS)
+    torch.testing.assert_close(torch.tensor(alone), penalized_reward(means_of(members), None, "wco", 0.0))
+
+
+def means_of(members):
+    return torch.stack([m.predict(PROMPTS, COMPLETIONS, return_var=False)[0] for m in members])
 
 
 def test_penalized_reward_protocol(members):
-    reward = PenalizedReward(members[0], penalty="std", uncertainty="marginal")
+    reward = PenalizedReward(members[0], penalty="std", uncertainty="marginal", scale="absolute")
     assert not isinstance(reward, nn.Module)  # GRPO/RLOO would treat a module as an HF model
     logged = {}
     reward(
@@ -178,14 +197,39 @@ def test_conversational_completions_are_scored_with_the_chat_template(members):
         model.tokenizer.chat_template = None
 
 
-def test_penalized_reward_defaults_to_the_relative_std_and_refuses_lone_prompts(members):
-    """The defaults are what won the uncertainty study (README): the std penalty on the relative variance. A prompt
-    scored alone has no group to be relative to: refused with the fix, never a silent zero penalty."""
+def test_penalized_reward_defaults_to_the_hidden_mahalanobis_var_and_refuses_lone_prompts(members):
+    """The defaults are issue 16's validation pick (README, "How the defaults were chosen"): the var penalty on the
+    hidden-state Mahalanobis distance within each prompt's completions, k = 4 prompt reward sds. Checked against a
+    float64 brute force (explicit inverse of the explicitly shrunk covariance). A prompt scored alone has no group:
+    refused with the fix, never a silent zero penalty."""
+    from trl_bayes.penalties import DEFAULT_K, DEFAULT_PENALTY, DEFAULT_SCALE, DEFAULT_UNCERTAINTY
+    from trl_bayes.typicality import DEFAULT_SHRINKAGE, predict_hidden
+
     reward = PenalizedReward(members[0])
-    assert (reward.penalty.value, reward.uncertainty, reward.k, reward.scale) == ("std", "relative", 1.0, "absolute")
+    assert (reward.penalty.value, reward.uncertainty, reward.k, reward.scale) == ("var", "hidden_mahalanobis", 4.0,
+                                                                                  "prompt")  # fmt: skip
+    assert (reward.penalty, reward.uncertainty, reward.k, reward.scale) == (
+        DEFAULT_PENALTY,
+        DEFAULT_UNCERTAINTY,
+        DEFAULT_K,
+        DEFAULT_SCALE,
+    )
     with pytest.raises(ValueError, match="single completion.*pass `reference`"):
         reward(PROMPTS, COMPLETIONS)
-    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
-    completions = ["apple pear", "fig fig fig", "saw", "hammer saw"]
-    mean, _, relative = members[0].predict_relative(prompts, completions)
-    torch.testing.assert_close(torch.tensor(reward(prompts, completions)), mean - relative.sqrt())
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 4
+    completions = ["apple pear", "fig fig fig", "plum", "saw", "hammer saw", "drill", "saw saw saw saw"]
+    mean, _ = members[0].predict(prompts, completions, return_var=False)
+    features = predict_hidden(members[0], prompts, completions).double()
+    expected = torch.empty(len(prompts), dtype=torch.float64)
+    for rows in ([0, 1, 2], [3, 4, 5, 6]):
+        centered = features[rows] - features[rows].mean(0)
+        sample = centered.T @ centered / len(rows)
+        diagonal = torch.diag(torch.diagonal(sample))
+        shrunk = (1 - DEFAULT_SHRINKAGE) * sample + DEFAULT_SHRINKAGE * diagonal
+        shrunk = shrunk + 1e-9 * torch.diagonal(sample).mean() * torch.eye(len(sample), dtype=torch.float64)
+        distance = ((centered @ torch.linalg.inv(shrunk)) * centered).sum(1)
+        group_mean = mean[rows].double()
+        factor = group_mean.std(unbiased=False) / distance.mean()
+        expected[rows] = group_mean - 4.0 * factor * distance
+    got = torch.tensor(reward(prompts, completions), dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

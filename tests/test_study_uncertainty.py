@@ -198,3 +198,57 @@ def test_a_k_the_grid_extension_added_is_read_from_the_extended_results(study, t
         writer.writerows([["0", "LA", "std", "1.0", 0.0, False], ["0", "LA", "std", "4.0", 0.0, True]])
     entry = study.run_results(tmp_path / "run", [0])["LA", "std"]
     assert entry["last"] == [2.5] and entry["best"] == [3.0] and entry["k"] == [4.0]
+
+
+def test_defaults_rule_uses_validation_gold_of_single_model_options_only(study, tmp_path):
+    """Issue 16's rule: the option with the best mean over panels of its per-panel mean validation gold (the seeds'
+    validation picks, extensions included), among single-model options present in every panel; then k by the gold
+    pooled over panels and seeds on the base grid only (rows the grid extension added are left out)."""
+    # (method, penalty) -> per panel, rows (seed, k, validation gold, chosen, added).
+    selection = {
+        "w1": {
+            ("Hidden-Maha", "var-prompt"): [(0, 1.0, 2.0, 0, 0), (0, 2.0, 3.0, 0, 0), (0, 4.0, 3.5, 1, 1),
+                                            (1, 1.0, 4.0, 1, 0), (1, 2.0, 1.0, 0, 0)],
+            ("LA-rel", "std"): [(0, 1.0, 3.0, 1, 0), (0, 2.0, 2.0, 0, 0), (1, 1.0, 3.0, 1, 0), (1, 2.0, 2.0, 0, 0)],
+            ("LA-Ens-rel", "std"): [(0, 1.0, 9.0, 1, 0), (1, 1.0, 9.0, 1, 0)],  # an ensemble: not a candidate
+            ("Prior-rel", "std"): [(0, 1.0, 9.0, 1, 0), (1, 1.0, 9.0, 1, 0)],  # missing from panel w2: left out
+        },
+        "w2": {
+            ("Hidden-Maha", "var-prompt"): [(0, 1.0, 2.0, 1, 0), (0, 2.0, 1.0, 0, 0), (1, 1.0, 2.0, 0, 0),
+                                            (1, 2.0, 2.5, 1, 0)],
+            ("LA-rel", "std"): [(0, 1.0, 2.8, 1, 0), (0, 2.0, 0.0, 0, 0), (1, 1.0, 2.8, 1, 0), (1, 2.0, 0.0, 0, 0)],
+        },
+    }  # fmt: skip
+    run_dirs = {}
+    for world, options in selection.items():
+        run_dir = tmp_path / world
+        curves = {("MAP", "none", 0.0, s): [1.0, 2.0 + s, 1.5] for s in (0, 1)}
+        curves |= {("Hidden-Maha", "var-prompt", k, s): [1.0, 2.0, 3.0 + k + s] for k in (1.0, 2.0) for s in (0, 1)}
+        write_run(run_dir, curves, {})
+        with (run_dir / "k_selection.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["seed", "method", "penalty", "k", "validation_gold_at_max_n", "chosen", "added"])
+            for (method, penalty), rows in options.items():
+                for seed, k, gold, chosen, added in rows:
+                    writer.writerow([seed, method, penalty, k, gold, bool(chosen), bool(added)])
+        run_dirs[world, "sft"] = run_dir
+    defaults = study.choose_defaults(run_dirs)
+    # Hidden-Maha: w1 (3.5 + 4.0) / 2 = 3.75, w2 (2.0 + 2.5) / 2 = 2.25 -> 3.0; LA-rel (3.0 + 2.8) / 2 = 2.9.
+    assert [(r["method"], r["penalty"], r["mean"]) for r in defaults["options"]] == [
+        ("Hidden-Maha", "var-prompt", pytest.approx(3.0)),
+        ("LA-rel", "std", pytest.approx(2.9)),
+    ]
+    assert defaults["pick"] == {"uncertainty": "hidden_mahalanobis", "penalty": "var", "scale": "prompt"}
+    # Base grid pooled: k = 1: (2 + 4 + 2 + 2) / 4 = 2.5; k = 2: (3 + 1 + 1 + 2.5) / 4 = 1.875; the added k = 4 is out.
+    assert defaults["ks"] == {1.0: pytest.approx(2.5), 2.0: pytest.approx(1.875)}
+    assert defaults["k"] == 1.0
+    # The record of reported gold at the largest n (n = 4): the pick at k = 1 and MAP, per seed; MAP's best n is 2.
+    assert defaults["reported"]["w1/sft"] == {
+        "default": [4.0, 5.0],
+        "MAP": [1.5, 1.5],
+        "MAP at its best n": [2.0, 3.0],
+    }
+    study.write_defaults(tmp_path / "defaults.md", defaults)
+    text = (tmp_path / "defaults.md").read_text()
+    assert "`uncertainty='hidden_mahalanobis'`, `penalty='var'`, `scale='prompt'`, `k=1.0`" in text
+    assert "| w1/sft | 4.50 ± 0.50 | 1.50 ± 0.00 | 2.50 ± 0.50 | +3.00 | +2.00 |" in text

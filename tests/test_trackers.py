@@ -78,7 +78,7 @@ def test_ppo_logs_proxy_penalty_gold_and_kl(reward_trainer, policy_dir, tokenize
     )  # fmt: skip
     prompts = world_prompts()
     trainer = PPOTrainer(
-        str(policy_dir), PenalizedReward(reward_trainer.posterior, uncertainty="marginal"), args,
+        str(policy_dir), PenalizedReward(reward_trainer.posterior, uncertainty="marginal", scale="absolute"), args,
         Dataset.from_dict({"prompt": prompts[:16]}), tokenizer,
         eval_dataset=Dataset.from_dict({"prompt": prompts[-4:]}), gold_reward=gold_reward,
     )  # fmt: skip
@@ -101,7 +101,7 @@ def test_grpo_logs_the_penalty_parts_gold_and_kl(reward_trainer, policy_dir, tok
         logging_steps=1, per_device_train_batch_size=4, num_generations=4, max_completion_length=6, beta=0.04,
         learning_rate=1e-2, save_strategy="no", disable_tqdm=True, reward_weights=[1.0, 0.0],
     )  # fmt: skip
-    reward = PenalizedReward(reward_trainer.posterior, penalty="std", k=1.0)  # relative std: groups of 4
+    reward = PenalizedReward(reward_trainer.posterior, penalty="std", k=1.0, uncertainty="relative")  # groups of 4
     trainer = GRPOTrainer(
         model=str(policy_dir), reward_funcs=[reward, gold_reward], args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_dict({"prompt": world_prompts()[:8]}),

@@ -26,14 +26,17 @@ class RecordingReward(PenalizedReward):
 
 @pytest.mark.parametrize(
     ("trainer_cls", "config_cls", "uncertainty"),
-    [(GRPOTrainer, GRPOConfig, "marginal"), (RLOOTrainer, RLOOConfig, "relative")],
+    [(GRPOTrainer, GRPOConfig, "marginal"), (RLOOTrainer, RLOOConfig, "relative"), (GRPOTrainer, GRPOConfig, None)],
 )
 def test_trl_trainer_trains_with_a_penalized_bayesian_reward(
     tokenizer, tmp_path, trainer_cls, config_cls, uncertainty
 ):
     reward_trainer = make_trainer(tokenizer, tmp_path / "rm", num_pairs=16)
     reward_trainer.train()
-    reward = RecordingReward(reward_trainer.posterior, penalty="std", k=1.0, uncertainty=uncertainty)
+    if uncertainty is None:  # the library's defaults: hidden-state typicality, k in prompt reward sds
+        reward = RecordingReward(reward_trainer.posterior)
+    else:
+        reward = RecordingReward(reward_trainer.posterior, penalty="std", k=1.0, uncertainty=uncertainty)
     reward.calls = []
 
     torch.manual_seed(0)
@@ -69,12 +72,14 @@ def test_trl_trainer_trains_with_a_penalized_bayesian_reward(
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
-    logs = [entry for entry in trainer.state.log_history if "laplace/reward_std" in entry]
-    assert len(logs) == 2 and all(entry["laplace/reward_std"] > 0 for entry in logs)
+    metric = "laplace/reward_std" if uncertainty else "typicality/hidden_mahalanobis"
+    logs = [entry for entry in trainer.state.log_history if metric in entry]
+    assert len(logs) == 2 and all(entry[metric] > 0 for entry in logs)
     assert any(f"rewards/{reward.__name__}/mean" in entry for entry in trainer.state.log_history)
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert changed, f"{trainer_cls.__name__} did not update the policy"
-    # The relative variance centers each completion on its group: every call must hold whole groups (4 per prompt).
+    # Group uncertainties and scale="prompt" measure each completion within its group: every call must hold whole
+    # groups (4 per prompt).
     assert reward.calls and all(
         all(call.count(p) % args.num_generations == 0 for p in set(call)) for call in reward.calls
     )

@@ -4,6 +4,8 @@ the SFT NLL against a per-token loop."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -12,12 +14,15 @@ from transformers import GPTNeoXForCausalLM
 from trl_bayes.experiments.world import tiny_gpt_neox_config
 from trl_bayes.generation import tokenize_response
 from trl_bayes.relative_variance import prompt_key, relative_predict_ids
+from trl_bayes.reward_model import BayesianRewardModel
 from trl_bayes.typicality import (
     PriorScale,
     completion_nll,
+    dense_mahalanobis,
     group_euclidean,
     group_mahalanobis,
     hidden_features,
+    low_rank_mahalanobis,
     predict_hidden,
     predict_prior_relative,
     score_head,
@@ -118,6 +123,97 @@ def test_hidden_features_are_what_the_score_head_reads(posterior, tokenizer):
     torch.testing.assert_close(predict_hidden(posterior, PROMPTS, COMPLETIONS, batch_size=7), features)
     with pytest.raises(ValueError, match="no `score` or `classifier` head"):
         score_head(torch.nn.Sequential(torch.nn.Linear(2, 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_hidden_features_return_the_map_rewards_of_the_same_forward(posterior, dtype):
+    # A float32 copy of the reward model: MAP scoring reads no posterior, only the model and tokenizer.
+    model = posterior if dtype == torch.float64 else BayesianRewardModel(
+        copy.deepcopy(posterior.model).float(), posterior.tokenizer, posterior.laplace, posterior.metadata
+    )  # fmt: skip
+    for batch_size in (3, None):  # given, and the token budget's batches
+        features, rewards = predict_hidden(model, PROMPTS, COMPLETIONS, batch_size, return_rewards=True)
+        means, _ = model.predict(PROMPTS, COMPLETIONS, batch_size, return_var=False)
+        assert rewards.dtype == dtype and torch.equal(rewards, means)  # the same forward passes, bit for bit
+        torch.testing.assert_close(features, predict_hidden(model, PROMPTS, COMPLETIONS, batch_size), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one prompt per completion"):
+        predict_hidden(model, PROMPTS, COMPLETIONS[:2], return_rewards=True)
+
+
+def _brute_mahalanobis(features, groups, weights, shrinkage, reference=None) -> np.ndarray:
+    """Per group in float64: the shrunk covariance built entry by entry as `shrunk_covariance` defines it, inverted
+    through its eigendecomposition V diag(1 / lambda) V^T. (np.linalg.inv of the same matrix is off by up to 1e-4
+    relative at shrinkage 0, where the smallest eigenvalues are the 1e-9 jitter.)"""
+    out = np.zeros(len(features))
+    for g in np.unique(groups):
+        source, w = (features, weights) if reference is None else reference[::2]
+        source_groups = groups if reference is None else reference[1]
+        source, w = source[source_groups == g], w[source_groups == g]
+        mean = w @ source / w.sum()  # exact for equal rows (as group_means): their centered rows are 0
+        w = w / w.sum()
+        centered = source - mean
+        covariance = np.einsum("j,jd,je->de", w, centered, centered)
+        variances = np.diag(covariance)
+        if variances.mean() <= 0:  # every row equal: the identity
+            covariance = np.eye(len(covariance))
+        else:
+            covariance = (1 - shrinkage) * covariance + shrinkage * np.diag(variances)
+            covariance += 1e-9 * variances.mean() * np.eye(len(covariance))
+        eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+        diff = features[groups == g] - mean
+        out[groups == g] = ((diff @ eigenvectors) ** 2 / eigenvalues).sum(1)
+    return out
+
+
+@pytest.mark.parametrize("shrinkage", [0.0, 0.1, 1.0])
+def test_low_rank_mahalanobis_equals_the_dense_path_and_a_float64_inverse(shrinkage):
+    rng = np.random.default_rng(1)
+    dim = 32
+    # Groups of 1, 2 and 5 rows (n <= D / 4: the low-rank path), 16 (n < D, dense by cost), 32 (= D) and 40 (> D);
+    # and 3 equal rows (the identity). Correlated features of unequal scales with a common offset, as hidden states.
+    sizes = [1, 2, 5, 16, 32, 40, 3]
+    groups = rng.permutation(np.repeat(np.arange(len(sizes)) * 3, sizes))
+    mixing = np.eye(dim) + 0.3 * rng.normal(size=(dim, dim))
+    features = rng.normal(size=(len(groups), dim)) @ mixing * np.exp(rng.normal(size=dim)) + 4 * rng.normal(size=dim)
+    features[groups == 18] = features[groups == 18][0]
+    features[groups == 6, 7] = 2.5  # a feature constant within the group of 5: only the jitter on its variance
+    features = features.astype(np.float32).astype(np.float64)  # float32 inputs, exactly representable in float64
+    weights = rng.integers(1, 4, size=len(groups)).astype(np.float64)
+    brute = _brute_mahalanobis(features, groups, weights, shrinkage)
+    args = (torch.from_numpy(features).float(), torch.from_numpy(groups), torch.from_numpy(weights).float())
+    got, dense = group_mahalanobis(*args, shrinkage=shrinkage), group_mahalanobis(*args, shrinkage, dense=True)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), brute, rtol=1e-4)
+    np.testing.assert_allclose(dense.numpy(), brute, rtol=1e-4)
+    np.testing.assert_allclose(got[torch.from_numpy(groups == 18)].numpy(), 0.0, atol=0)
+    # The low-rank formula itself, at every size (it is exact for n >= D too), against the dense one in float64.
+    for g in np.unique(groups):
+        source = torch.from_numpy(features[groups == g])
+        w = torch.from_numpy(weights[groups == g])
+        centered = source - (w / w.sum()) @ source
+        probe = centered + torch.from_numpy(rng.normal(size=centered.shape))  # also off the rows' span
+        torch.testing.assert_close(low_rank_mahalanobis(probe, centered, w, shrinkage),
+                                   dense_mahalanobis(probe, centered, w, shrinkage), rtol=1e-6, atol=0)  # fmt: skip
+    # A reference set: the mean and covariance of 6 other rows per group (low-rank), one scored row per group.
+    ref_groups = np.repeat(np.unique(groups), 6)
+    ref_features = rng.normal(size=(len(ref_groups), dim)) @ mixing + 4 * rng.normal(size=dim)
+    ref_features = ref_features.astype(np.float32).astype(np.float64)
+    ref_weights = rng.integers(1, 4, size=len(ref_groups)).astype(np.float64)
+    first = np.array([np.flatnonzero(groups == g)[0] for g in np.unique(groups)])
+    reference = dict(
+        reference_features=torch.from_numpy(ref_features).float(),
+        reference_groups=torch.from_numpy(ref_groups),
+        reference_weights=torch.from_numpy(ref_weights).float(),
+    )
+    single = (torch.from_numpy(features[first]).float(), torch.from_numpy(groups[first]))
+    expected = _brute_mahalanobis(
+        features[first], groups[first], None, shrinkage, (ref_features, ref_groups, ref_weights)
+    )
+    np.testing.assert_allclose(
+        group_mahalanobis(*single, shrinkage=shrinkage, **reference).numpy(), expected, rtol=1e-4
+    )
+    np.testing.assert_allclose(group_mahalanobis(*single, shrinkage=shrinkage, dense=True, **reference).numpy(),
+                               expected, rtol=1e-4)  # fmt: skip
 
 
 def _numpy_distances(features, groups, weights, shrinkage=None, reference=None) -> np.ndarray:

@@ -11,7 +11,7 @@ Two parts:
 
 Example:
 ```python
->>> sampler = BestOfNSampler(policy, tokenizer, reward=PenalizedReward(rm, penalty="std"), n=16, seed=0)
+>>> sampler = BestOfNSampler(policy, tokenizer, reward=PenalizedReward(rm), n=16, seed=0)
 >>> out = sampler(["please list fruits : "])
 >>> out.best_completions
 ```

@@ -54,8 +54,11 @@ reward_model = BayesianRewardModel.from_pretrained("{{ repo_id }}")
 mean, var = reward_model.predict(["What color is the sky?"], [" It is blue."])  # each reward ~ N(mean, var)
 diff_mean, diff_var = reward_model.predict_pairs(prompts, chosen, rejected)  # r(chosen) - r(rejected)
 
-# A TRL reward function that penalizes uncertain rewards: GRPOTrainer(reward_funcs=[reward], ...), Best-of-n, PPO
-reward = PenalizedReward(reward_model, penalty="std", k=1.0)
+# TRL reward functions for GRPOTrainer(reward_funcs=[reward], ...) and Best-of-n, which score several completions
+# per prompt. The default penalizes atypical completions (hidden-state distance within the prompt's completions); the
+# second penalizes the Laplace posterior's relative std. PPO (one completion per prompt): uncertainty="marginal".
+reward = PenalizedReward(reward_model)
+laplace_reward = PenalizedReward(reward_model, penalty="std", k=1.0, uncertainty="relative", scale="absolute")
 ```
 
 ## Laplace posterior

@@ -60,6 +60,8 @@ a `reference` set.
 """
 UNCERTAINTIES = tuple(UNCERTAINTY_FIELDS)
 GROUP_UNCERTAINTIES = UNCERTAINTIES[1:]
+LAPLACE_UNCERTAINTIES = ("marginal", "relative")
+"""The uncertainties that are variances of the reward under the Laplace posterior (the others are typicality)."""
 """The uncertainties measured within a prompt's group of completions (or against its `reference` set)."""
 
 
@@ -87,6 +89,8 @@ def combine_gaussians(means: torch.Tensor, variances: torch.Tensor) -> tuple[tor
 
 PENALTY_SCALES = ("absolute", "prompt")
 """Units of k: `absolute` (k * std in reward units, the paper's) or `prompt` (relative to each prompt's spreads)."""
+SCALED_PENALTIES = (Penalty.STD, Penalty.VAR, Penalty.UWO)
+"""The penalties with a strength k, whose units `scale` sets; `none` and `wco` have no k and ignore it."""
 
 
 def prompt_scale(reward: torch.Tensor, uncertainty: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -127,22 +131,25 @@ def penalized_reward(
     Args:
         means: `(M, B)` MAP rewards of M members (M = 1 for a single model).
         variances: `(M, B)` Laplace variances, or `None` for the penalties that do not use them.
-        scale: units of k for `std` / `var`: `"absolute"` (mean - k u) or `"prompt"` (mean - k * prompt_scale * u,
-            see `prompt_scale`, within each of `groups`).
-        groups: `(B,)` integer group (prompt) of each response; needed with `scale="prompt"`.
+        scale: units of k for `std` / `var` / `uwo` (`SCALED_PENALTIES`): `"absolute"` (mean - k u) or `"prompt"`
+            (mean - k * prompt_scale * u, see `prompt_scale`, within each of `groups`).
+        groups: `(B,)` integer group (prompt) of each response; needed with `scale="prompt"` for those penalties.
 
     Returns:
         `(B,)` rewards.
     """
     if scale not in PENALTY_SCALES:
         raise ValueError(f"Unknown penalty scale {scale!r}: choose one of {list(PENALTY_SCALES)}.")
-    if scale == "prompt" and groups is None:
-        raise ValueError("scale='prompt' needs the `groups` (prompts) of the responses.")
     penalty = Penalty(penalty)
+    if scale == "prompt" and penalty in SCALED_PENALTIES and groups is None:
+        raise ValueError("scale='prompt' needs the `groups` (prompts) of the responses.")
     if penalty == Penalty.WCO:
         return means.min(0).values
     if penalty == Penalty.UWO:
-        return means.mean(0) - k * means.var(0, unbiased=False)
+        mean, spread = means.mean(0), means.var(0, unbiased=False)
+        if scale == "prompt":
+            spread = prompt_scale(mean, spread, groups) * spread
+        return mean - k * spread
     if penalty == Penalty.NONE:
         return means.mean(0)
     if variances is None:
@@ -243,15 +250,16 @@ def prompt_groups(prompts: Sequence[Any]) -> torch.Tensor:
     return torch.tensor([index.setdefault(prompt_key(p), len(index)) for p in prompts], dtype=torch.long)
 
 
-def _check_group_sizes(prompts: Sequence[Any], groups: torch.Tensor, uncertainty: str) -> None:
-    """A response alone in its group is at distance 0 from it: refuse such prompts rather than return zeros."""
+def _check_group_sizes(prompts: Sequence[Any], groups: torch.Tensor, what: str, fix: str) -> None:
+    """A response alone in its group is at distance 0 from it, and has no spread to scale k by: refuse such prompts
+    rather than return zeros. `what` measures against the group; `fix` says what to do instead."""
     counts = torch.bincount(groups)
     if (counts < 2).any():
         lonely = prompts[int(torch.nonzero(counts[groups] < 2)[0])]
         raise ValueError(
-            f"uncertainty='{uncertainty}' measures each completion against the other completions of its prompt, but "
+            f"{what} measures each completion against the other completions of its prompt, but "
             f"{int((counts < 2).sum())} prompt(s) have a single completion (e.g. {prompt_key(lonely)[:60]!r}). Score "
-            "all completions of a prompt in one call, or pass `reference` (completions per prompt)."
+            f"all completions of a prompt in one call, or {fix}."
         )
 
 
@@ -268,8 +276,6 @@ def _check_options(penalty: Penalty | str, k: float, uncertainty: str, scale: st
         raise ValueError(f"Unknown uncertainty {uncertainty!r}: choose one of {list(UNCERTAINTIES)}.")
     if scale not in PENALTY_SCALES:
         raise ValueError(f"Unknown scale {scale!r}: choose one of {list(PENALTY_SCALES)}.")
-    if scale == "prompt" and penalty not in (Penalty.STD, Penalty.VAR):
-        raise ValueError(f"scale='prompt' applies to the 'std' and 'var' penalties, not '{penalty.value}'.")
     return penalty
 
 
@@ -290,7 +296,7 @@ def penalize(
                 f"penalty='{penalty.value}' with uncertainty='{uncertainty}' needs RewardPredictions.{name}: predict "
                 f"them with `PenalizedReward(models, penalty='{penalty.value}', uncertainty='{uncertainty}').predict`."
             )
-    if scale == "prompt" and predictions.groups is None:
+    if scale == "prompt" and penalty in SCALED_PENALTIES and predictions.groups is None:
         raise ValueError(
             "scale='prompt' needs RewardPredictions.groups, the prompt of each response: pass `groups`, e.g. "
             "`prompt_groups(prompts)`."
@@ -301,6 +307,22 @@ def penalize(
 # ---------------------------------------------------------------------------------------------------------------------
 # The TRL reward function.
 
+DEFAULT_UNCERTAINTY, DEFAULT_PENALTY, DEFAULT_SCALE, DEFAULT_K = "hidden_mahalanobis", Penalty.VAR, "prompt", 4.0
+"""`PenalizedReward`'s defaults, chosen by issue 16's rule from validation gold alone (README, "How the defaults were
+chosen"; docs/study_typicality.md):
+
+- the option (uncertainty, penalty, scale) a single reward model offers with the best mean validation gold at the
+  largest n over the study's six Best-of-N panels (3 worlds x 2 proxy backbones, 5 seeds, k chosen per seed on
+  validation): `hidden_mahalanobis`, `var`, `scale="prompt"` (3.17; `std` absolute 3.17; the best `relative` option
+  3.03);
+- k: the value of the base grid {0.5, 1, 2, 4} with the best validation gold pooled over those panels and seeds (4:
+  2.94; 2: 2.90; 1: 2.37). The grid's extensions ran only where a seed's pick hit an edge, so they are not pooled.
+
+`scale="prompt"` makes k a count of each prompt's reward spreads, which transfers across models and worlds; it needs
+several completions per prompt in a call (Best-of-N, GRPO / RLOO groups). The option needs no posterior: the Laplace
+penalties (`relative`, `marginal`) are choices, not the default, because they did not beat it (README, Results).
+"""
+
 
 class PenalizedReward:
     """A TRL reward function from one Bayesian reward model or an ensemble of them.
@@ -310,43 +332,47 @@ class PenalizedReward:
 
     Args:
         models (`BayesianRewardModel` or a list of them): one model, or independently trained members.
-        penalty (`str`, *optional*, defaults to `"std"`): `"none"`, `"std"`, `"var"`, `"wco"` or `"uwo"`. The default
-            is what won the uncertainty study across worlds and proxy backbones (README, issue 7).
-        k (`float`, *optional*, defaults to `1.0`): penalty strength (the λ of `"uwo"`).
+        penalty (`str`, *optional*, defaults to `"var"`): `"none"`, `"std"`, `"var"`, `"wco"` or `"uwo"`. The
+            defaults (penalty, k, uncertainty, scale) are `DEFAULT_*` above, chosen on validation data (issue 16).
+        k (`float`, *optional*, defaults to `4.0`): penalty strength (the λ of `"uwo"`).
         batch_size (`int` or `None`, *optional*, defaults to `None`): responses per forward pass; `None`: batches of
             up to `batching.DEFAULT_MAX_TOKENS` padded tokens (the models' `predict*` default).
-        uncertainty (`str`, *optional*, defaults to `"relative"`): which uncertainty the `std`/`var` penalties use
-            (`UNCERTAINTY_FIELDS`); `std` subtracts k x its square root, `var` k x itself, whichever the option.
-            `"relative"`: Var(r_i - mean_j r_j) over the completions of the same prompt in the call (Best-of-N's
-            candidates, GRPO/RLOO's `num_generations` group), or over `reference`'s completions when given; the
-            prompt's unidentified reward offset cancels. A prompt with a single completion and no `reference` is
-            refused. Costs a second forward-backward per response. `"marginal"`: Var(r_i) = J_i Σ J_i^T (the
-            paper's), for one completion per prompt without a reference. Ensembles: per member, then combined. The
-            default won the uncertainty study in three of its four world x backbone panels (README, issue 7).
-            Baselines of `"relative"` (issue 16: they do most of its work in the offline world), grouped the same
-            way: `"prior_relative"` (|J_i - J_mean|^2 / δ: the prior in place of the posterior, one forward-backward
-            per response), `"hidden_euclidean"` and `"hidden_mahalanobis"` (squared distance of the reward model's
-            last hidden state to its prompt group's mean, plain or under the group's shrunk covariance: one extra
-            forward, no backward). For the SFT policy's NLL, which no reward model holds, see
-            `trl_bayes.typicality.completion_nll`.
+        uncertainty (`str`, *optional*, defaults to `"hidden_mahalanobis"`): which uncertainty the `std`/`var`
+            penalties use (`UNCERTAINTY_FIELDS`); `std` subtracts k x its square root, `var` k x itself, whichever
+            the option. Every option but `"marginal"` is measured within the completions of the same prompt in the
+            call (Best-of-N's candidates, GRPO/RLOO's `num_generations` group), or against `reference`'s completions
+            when given; a prompt with a single completion and no `reference` is refused. Ensembles: per member, then
+            combined.
+            `"hidden_mahalanobis"` (the default): squared Mahalanobis distance of the reward model's last hidden
+            state (what its head reads) to its prompt group's mean, under the group's covariance shrunk towards its
+            diagonal. Typicality: no posterior, no backward.
+            `"relative"`: the Laplace variance Var(r_i - mean_j r_j); the prompt's unidentified reward offset
+            cancels. A second forward-backward per response. `"marginal"`: Var(r_i) = J_i Σ J_i^T (the paper's),
+            for one completion per prompt without a reference.
+            Baselines of `"relative"`, grouped the same way: `"prior_relative"` (|J_i - J_mean|^2 / δ: the prior in
+            place of the posterior) and `"hidden_euclidean"` (the plain distance of the hidden states). For the SFT
+            policy's NLL, which no reward model holds, see `trl_bayes.typicality.completion_nll`.
         reference (mapping or callable, *optional*): with a group uncertainty (all but `"marginal"`), completions per
             prompt (a mapping from the prompt string, or a callable of the prompt) whose mean (and, for
             `"hidden_mahalanobis"`, covariance) the reward is measured against, e.g. K samples of the reference
             policy: for callers that score one completion per prompt (PPO). What each needs of them is cached per
             prompt (the mean gradient, P floats; or the hidden features, K x D).
-        scale (`str`, *optional*, defaults to `"absolute"`): units of k for `std` / `var`. `"absolute"`: the penalty
-            is k * std (or k * var) in reward units. `"prompt"`: k * sd_g(r) * std_i / mean_g(std) within the
-            completions of each prompt in the call (the groups of `uncertainty="relative"`; see `prompt_scale`), so
-            that one k fits models and prompts whose rewards and variances live on different scales. Needs several
-            completions per prompt in a call (Best-of-N, GRPO / RLOO groups); a prompt alone gets no penalty.
+        scale (`str`, *optional*, defaults to `"prompt"`): units of k for `std`, `var` and `uwo` (`none` and `wco`
+            have no k and ignore it). `"prompt"`:
+            k * sd_g(r) * u_i / mean_g(u) within the completions of each prompt in the call (see `prompt_scale`), so
+            that one k fits models and prompts whose rewards and uncertainties live on different scales. Needs
+            several completions per prompt in a call (Best-of-N, GRPO / RLOO groups): a prompt alone is refused.
+            `"absolute"`: the penalty is k * std (or k * var) in the uncertainty's own units (the paper's); use it
+            for one completion per prompt (PPO).
 
     Calling it is `rank(predict(prompts, completions))`. To sweep penalties and k, predict once (the models' passes)
     and `penalize` the predictions (microseconds each); `uncertainty="relative"` predicts both variances:
 
     Example:
     ```python
-    >>> reward = PenalizedReward(BayesianRewardModel.from_pretrained("rm"), penalty="std", k=1.0)
+    >>> reward = PenalizedReward(BayesianRewardModel.from_pretrained("rm"))  # the defaults: hidden-state typicality
     >>> trainer = GRPOTrainer(model=policy, reward_funcs=[reward], ...)
+    >>> laplace = PenalizedReward(rm, penalty="std", k=1.0, uncertainty="relative", scale="absolute")  # the posterior
 
     >>> predictions = PenalizedReward(members, penalty="std", uncertainty="relative").predict(prompts, completions)
     >>> predictions.save("predictions.safetensors")  # reload with RewardPredictions.load
@@ -365,12 +391,12 @@ class PenalizedReward:
     def __init__(
         self,
         models: BayesianRewardModel | Sequence[BayesianRewardModel],
-        penalty: Penalty | str = Penalty.STD,
-        k: float = 1.0,
+        penalty: Penalty | str = DEFAULT_PENALTY,
+        k: float = DEFAULT_K,
         batch_size: int | None = None,
-        uncertainty: str = "relative",
+        uncertainty: str = DEFAULT_UNCERTAINTY,
         reference: Mapping[str, Sequence[Any]] | Callable[[Any], Sequence[Any]] | None = None,
-        scale: str = "absolute",
+        scale: str = DEFAULT_SCALE,
     ):
         self.models = [models] if isinstance(models, BayesianRewardModel) else list(models)
         if not self.models:
@@ -396,6 +422,14 @@ class PenalizedReward:
         `relative_variances` (the marginal ones come free with them); `prior_relative_variances`; or both hidden
         distances (either one costs the same features). `groups` always (cheap), for `scale="prompt"`."""
         groups = prompt_groups(prompts)
+        if self.needs_variance and self.uncertainty in GROUP_UNCERTAINTIES and self.reference is None:
+            _check_group_sizes(
+                prompts, groups, f"uncertainty='{self.uncertainty}'", "pass `reference` (completions per prompt)"
+            )
+        if self.scale == "prompt" and self.penalty in SCALED_PENALTIES:  # k in units of each prompt's reward spread
+            _check_group_sizes(
+                prompts, groups, "scale='prompt'", "pass scale='absolute' (e.g. PPO, one completion per prompt)"
+            )
         if not self.needs_variance or self.uncertainty == "marginal":
             outputs = [
                 m.predict(prompts, completions, self.batch_size, return_var=self.needs_variance) for m in self.models
@@ -409,8 +443,6 @@ class PenalizedReward:
             ]
             means, variances, relative = (torch.stack(parts) for parts in zip(*triples, strict=True))
             return RewardPredictions(means, variances, relative, groups)
-        if self.reference is None:
-            _check_group_sizes(prompts, groups, self.uncertainty)
         if self.uncertainty == "prior_relative":
             pairs = [
                 predict_prior_relative(m, prompts, completions, self.batch_size, reference=self.reference)
@@ -418,20 +450,19 @@ class PenalizedReward:
             ]
             means, prior_relative = (torch.stack(parts) for parts in zip(*pairs, strict=True))
             return RewardPredictions(means, groups=groups, prior_relative_variances=prior_relative)
-        means = torch.stack(
-            [m.predict(prompts, completions, self.batch_size, return_var=False)[0] for m in self.models]
-        )
-        distances = [self._hidden_distances(i, prompts, completions, groups) for i in range(len(self.models))]
+        # One forward per member gives the MAP rewards and the features the head reads.
+        outputs = [predict_hidden(m, prompts, completions, self.batch_size, return_rewards=True) for m in self.models]
+        means = torch.stack([rewards for _, rewards in outputs])
+        distances = [self._hidden_distances(i, prompts, f, groups) for i, (f, _) in enumerate(outputs)]
         euclidean, mahalanobis = (torch.stack(parts) for parts in zip(*distances, strict=True))
         return RewardPredictions(means, groups=groups, hidden_euclidean=euclidean, hidden_mahalanobis=mahalanobis)
 
     def _hidden_distances(
-        self, member: int, prompts: Sequence[Any], completions: Sequence[Any], groups: torch.Tensor
+        self, member: int, prompts: Sequence[Any], features: torch.Tensor, groups: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Member `member`'s squared Euclidean and Mahalanobis distances `(B,)` of the responses' hidden features to
-        their prompt group's (or to `reference`'s completions of the prompt)."""
+        """Member `member`'s squared Euclidean and Mahalanobis distances `(B,)` of the responses' hidden `features`
+        `(B, D)` to their prompt group's (or to `reference`'s completions of the prompt)."""
         model = self.models[member]
-        features = predict_hidden(model, prompts, completions, self.batch_size)
         if self.reference is None:
             return group_euclidean(features, groups), group_mahalanobis(features, groups)
         cache = self.reference_features[member]
@@ -489,6 +520,11 @@ class PenalizedReward:
         if log_metric is not None:
             log_metric("laplace/reward", parts["reward"].mean().item())
             log_metric("laplace/map_reward", parts["means"].mean().item())
-            if "var" in parts:
-                log_metric("laplace/reward_std", parts["var"].sqrt().mean().item())
+            if "var" in parts:  # the Laplace std of the reward, or the square root of a typicality distance
+                name = (
+                    "laplace/reward_std"
+                    if self.uncertainty in LAPLACE_UNCERTAINTIES
+                    else f"typicality/{self.uncertainty}"
+                )
+                log_metric(name, parts["var"].sqrt().mean().item())
         return parts["reward"].tolist()

@@ -69,14 +69,15 @@ def local_prompt_indices(
 
 
 def reward_function(reward_func: Callable[..., list[float]] | BayesianRewardModel) -> Callable[..., list[float]]:
-    """The reward PPO calls: a `BayesianRewardModel` becomes `PenalizedReward(model, uncertainty="marginal")` (PPO
-    scores one completion per prompt; for the relative variance pass a `PenalizedReward` with a `reference`)."""
+    """The reward PPO calls: a `BayesianRewardModel` becomes the paper's penalty, `PenalizedReward(model, "std", 1.0,
+    uncertainty="marginal", scale="absolute")`: PPO scores one completion per prompt, which the library's group
+    defaults (`penalties.DEFAULT_*`) refuse. For a group uncertainty pass a `PenalizedReward` with a `reference`."""
     # A BayesianRewardModel exists only once its module was imported: looking there keeps PPO on a plain reward
     # function free of laplace-torch.
     reward_model = sys.modules.get(f"{__package__}.reward_model")
     if reward_model is not None and isinstance(reward_func, reward_model.BayesianRewardModel):
         from .penalties import PenalizedReward
 
-        return PenalizedReward(reward_func, uncertainty="marginal")
+        return PenalizedReward(reward_func, penalty="std", k=1.0, uncertainty="marginal", scale="absolute")
     check_reward_function(reward_func, "reward_func")
     return reward_func

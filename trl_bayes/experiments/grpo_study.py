@@ -75,7 +75,8 @@ def run_grpo(args, training_args, method, seed, proxy_dir, policy_path, prompts,
         model = BayesianRewardModel.from_pretrained(proxy_dir, device=state.device)
         penalty = "none" if method == "MAP" else args.penalty
         uncertainty = "marginal" if method == "MAP" else args.uncertainty
-        reward = PenalizedReward(model, penalty=penalty, k=args.k, batch_size=64, uncertainty=uncertainty)
+        reward = PenalizedReward(model, penalty=penalty, k=args.k, batch_size=64, uncertainty=uncertainty,
+                                 scale="absolute")  # k in reward units, as in every GRPO result so far  # fmt: skip
         evaluation = GoldEvaluation(args, policy_path, prompts[1], gold, reward, state)
         records: list[dict[str, Any]] = []
         times: list[float] = []

@@ -177,7 +177,8 @@ def run_ppo_job(job: PPOJob, state=None) -> None:
     state.wait_for_everyone()
     models = [BayesianRewardModel.from_pretrained(d, device=state.device) for d in job.proxy_dirs]
     reward = PenalizedReward(models, penalty=job.penalty, k=job.k, batch_size=job.batch_size,
-                             uncertainty=job.uncertainty, reference=job.reference)  # fmt: skip
+                             uncertainty=job.uncertainty, reference=job.reference,
+                             scale="absolute")  # one completion per prompt: no group spread to scale k by  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(job.policy_path, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
