@@ -46,17 +46,18 @@ from trl_bayes.experiments.gold import load_gold_reward
 from trl_bayes.experiments.launch import check_output_dir, fill_defaults, make_accelerator, recipe_parser
 from trl_bayes.experiments.proxies import normalize_lora_targets
 from trl_bayes.experiments.report import sources, write_csv, write_run_record
-from trl_bayes.experiments.stages import StageClock, build_world, sample_pairs, validation_prompts
+from trl_bayes.experiments.stages import StageClock, build_world, sample_pairs, validation_prompts, world_plan
 from trl_bayes.experiments.workers import Workers, resolve_num_workers
 
 
 def describe_plan(args, training_args, model_args) -> list[str]:
+    """What each stage will load or build, from the config alone (no download): the shared stages' lines (no proxies:
+    the rounds train their own reward models), then the pool, the labels and the evaluation."""
     rounds = f"{args.initial_pairs} + {args.num_rounds} x {args.pairs_per_round}"
     return [
-        f"world: {'offline world, seed ' + str(args.world_seed) if args.offline else args.prompts_dataset_name}",
-        f"policy: {args.policy_name_or_path or 'offline tiny GPT-NeoX SFT policy (trained here)'}",
-        f"gold reward (labeller): {args.gold_reward}, {args.label_noise:.0%} of labels flipped",
-        f"pool: {args.pool_candidates} candidates per training prompt",
+        *world_plan(args, training_args, model_args, proxies=False),
+        f"pool: {args.pool_candidates} candidates per training prompt, labelled by the gold reward when selected "
+        f"({args.label_noise:.0%} flipped)",
         f"labels: {rounds} pairs; strategies {args.strategies}; seeds {args.seeds}",
         f"reward models: {model_args.model_name_or_path or 'SFT backbone'} + LoRA r={model_args.lora_r}, "
         f"{training_args.hessian_structure} Laplace, {'warm start' if args.warm_start else 'from scratch'} per round",

@@ -91,6 +91,26 @@ def test_main_from_python_runs_the_bare_command_lines_run(tmp_path, monkeypatch,
     assert json.loads(record)["script"]["dry_run"] is True and not (python / "outputs" / recipe / "cache").exists()
 
 
+def test_dry_runs_describe_the_shared_stages_in_the_same_lines(tmp_path, monkeypatch, capsys):
+    """bon, ppo and active build the same world and pairs stages (bon and ppo the proxies too): their `--dry_run` plans
+    say so in the same lines (`world_plan`), naming the offline world, with each recipe's note where it differs."""
+    monkeypatch.chdir(tmp_path)  # the default output_dir is relative: outputs/<recipe>
+    plans = {}
+    for recipe, arguments in [("bon", "BoNScriptArguments"), ("ppo", "PPOScriptArguments"),
+                              ("active", "ActiveScriptArguments")]:  # fmt: skip
+        module = load_recipe(recipe)
+        with restored_logging():
+            module.main(getattr(module, arguments)(dry_run=True, world="rare", world_seed=3))
+        plans[recipe] = capsys.readouterr().out.splitlines()
+    world = "world: offline world 'rare', seed 3 -> 64 held-out prompts (+ 16 validation prompts"
+    policy = "policy: offline tiny GPT-NeoX SFT policy (trained here)"
+    gold_and_pairs = ["gold reward: world", "pairs: 1000 sampled + gold-labelled (25% flipped), 512 held out"]
+    proxies = "proxies: SFT backbone + LoRA r=8 alpha=16, kron Laplace, 3 seeds x 4 members"
+    assert plans["bon"][1:6] == [world + " for k)", policy, *gold_and_pairs, proxies]
+    assert plans["ppo"][1:6] == [world + ")", policy + " (full fine-tuning)", *gold_and_pairs, proxies]
+    assert plans["active"][1:5] == [world + ")", policy, *gold_and_pairs] and plans["active"][5].startswith("pool:")
+
+
 @pytest.mark.slow
 def test_reward_main_from_python_runs_the_bare_command_lines_run(tmp_path, monkeypatch):
     """The same for the reward recipe (no dry run: a small run each way), through its `run_config.json`."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trl_bayes.experiments.stages import Stage, generation_config, load_policy, world_settings
+from trl_bayes.experiments.stages import Stage, generation_config, load_policy, world_plan, world_settings
 from trl_bayes.experiments.workers import Workers, run_jobs
 
 # The typicality baselines (issue 16) -> the column of member 0's scores they subtract k x (the square root of, with
@@ -610,18 +610,10 @@ def finite_mean(values) -> float:
 
 
 def describe_plan(args, training_args, model_args) -> list[str]:
-    """What each stage will load or build, from the config alone (no download)."""
-    policy = args.policy_name_or_path or "offline tiny GPT-NeoX SFT policy (trained here)"
+    """What each stage will load or build, from the config alone (no download): the shared stages' lines, then the
+    samples and curves."""
     return [
-        f"world: {'offline world, seed ' + str(args.world_seed) if args.offline else args.prompts_dataset_name}"
-        f" -> {args.num_eval_prompts} held-out prompts (+ {args.num_validation_prompts} validation prompts for k)",
-        f"policy: {policy}",
-        f"gold reward: {args.gold_reward}",
-        f"pairs: {args.num_train_pairs} sampled + gold-labelled ({args.label_noise:.0%} flipped), "
-        f"{args.num_eval_pairs} held out",
-        f"proxies: {model_args.model_name_or_path or 'SFT backbone'} + LoRA r={model_args.lora_r} "
-        f"alpha={model_args.lora_alpha}, {training_args.hessian_structure} Laplace, "
-        f"{len(args.seeds)} seeds x {args.ensemble_size} members",
+        *world_plan(args, training_args, model_args, validation_for="k"),
         f"samples: {args.num_eval_prompts} x {args.num_samples} (max_new_tokens={args.max_new_tokens})",
         f"curves: n in {args.ns}; methods {args.methods}; penalties {args.penalties}; k {args.ks} (a grid edge "
         f"chosen on validation extends it, x2 or /2, up to {MAX_GRID_STEPS} times)",

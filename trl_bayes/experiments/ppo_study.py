@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from trl_bayes.experiments.rl_report import method_label
-from trl_bayes.experiments.stages import Stage, generation_config, load_policy, world_settings
+from trl_bayes.experiments.stages import Stage, generation_config, load_policy, world_plan, world_settings
 from trl_bayes.experiments.workers import run_jobs
 
 METHODS = ("MAP", "LA", "LA-rel", "LA-Ens", "Ens-UWO", "Prior-rel", "Hidden-Euc", "Hidden-Maha")
@@ -231,16 +231,11 @@ def result_rows(method: str, seed: int, history: list[dict], args) -> list[dict[
 
 
 def describe_plan(args, training_args, model_args) -> list[str]:
-    policy = args.policy_name_or_path or "offline tiny GPT-NeoX SFT policy (trained here)"
+    """What each stage will load or build, from the config alone (no download): the shared stages' lines (only the
+    proxies the methods use), then the PPO runs."""
+    policy_training = f"LoRA r={args.policy_lora_r}" if args.policy_lora_r else "full fine-tuning"
     return [
-        f"world: {'offline world, seed ' + str(args.world_seed) if args.offline else args.prompts_dataset_name}"
-        f" -> {args.num_eval_prompts} held-out prompts",
-        f"policy: {policy} ({'LoRA r=' + str(args.policy_lora_r) if args.policy_lora_r else 'full fine-tuning'})",
-        f"gold reward: {args.gold_reward}",
-        f"pairs: {args.num_train_pairs} sampled + gold-labelled ({args.label_noise:.0%} flipped)",
-        f"proxies: {model_args.model_name_or_path or 'SFT backbone'} + LoRA r={model_args.lora_r} "
-        f"alpha={model_args.lora_alpha}, {training_args.hessian_structure} Laplace, "
-        f"{len(args.seeds)} seeds x {args.members_used()} members",
+        *world_plan(args, training_args, model_args, policy_note=policy_training, members=args.members_used()),
         f"PPO: methods {[method_label(m, args) for m in args.methods]}, seeds {args.seeds}, {args.ppo_steps} steps x "
         f"{args.ppo_batch_size} completions (max_new_tokens={args.max_new_tokens}), kl_coef {args.kl_coef:g}",
     ]

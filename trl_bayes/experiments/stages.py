@@ -402,3 +402,47 @@ def sample_pairs(args, train_prompts, eval_prompts, policy_path, gold, cache, ac
     load = lambda split: load_dataset("json", data_files=str(stage.path / f"{split}.jsonl"), split="train")  # noqa: E731
     train, held_out = load("train"), load("eval")
     return Dataset.from_dict(train.to_dict()), Dataset.from_dict(held_out.to_dict())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The plan a recipe prints with --dry_run
+
+
+def world_plan(
+    args: WorldArguments,
+    training_args,
+    model_args,
+    *,
+    validation_for: str | None = None,
+    policy_note: str | None = None,
+    proxies: bool = True,
+    members: int | None = None,
+) -> list[str]:
+    """What the shared stages will load or build, from the config alone (no download): one line each for the world
+    (its held-out and validation prompts), the policy, the gold reward, the preference pairs and the proxies. A
+    recipe's own lines follow.
+
+    Args:
+        validation_for: what the validation prompts choose (e.g. "k"), said on the world line; unset = not said.
+        policy_note: how the recipe trains the policy (e.g. "full fine-tuning"), in parentheses on its line.
+        proxies: whether the recipe trains the proxies stage (the active-learning recipe trains its own models).
+        members: proxies per seed the recipe trains; unset = `args.ensemble_size`.
+    """
+    source = f"offline world '{args.world}', seed {args.world_seed}" if args.offline else args.prompts_dataset_name
+    use = f" for {validation_for}" if validation_for else ""
+    policy = args.policy_name_or_path or "offline tiny GPT-NeoX SFT policy (trained here)"
+    lines = [
+        f"world: {source} -> {args.num_eval_prompts} held-out prompts "
+        f"(+ {args.num_validation_prompts} validation prompts{use})",
+        f"policy: {policy}" + (f" ({policy_note})" if policy_note else ""),
+        f"gold reward: {args.gold_reward}",
+        f"pairs: {args.num_train_pairs} sampled + gold-labelled ({args.label_noise:.0%} flipped), "
+        f"{args.num_eval_pairs} held out",
+    ]
+    if proxies:
+        lines.append(
+            f"proxies: {model_args.model_name_or_path or 'SFT backbone'} + LoRA r={model_args.lora_r} "
+            f"alpha={model_args.lora_alpha}, {training_args.hessian_structure} Laplace, "
+            f"{len(args.seeds)} seeds x {args.ensemble_size if members is None else members} members"
+        )
+    return lines
