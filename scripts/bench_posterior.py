@@ -11,8 +11,10 @@ Measures, in one run, on CPU in float32 (random weights, random token ids; nothi
    per response), in responses per second;
 3. laplace-torch's stock GLM predictive `la(x, pred_type="glm")` on the same responses, our speed-up over it, and
    how far its (mean, var) is from ours;
-4. the peak resident memory of each phase;
-5. the targets side by side (issue 15): (mean, var) >= 0.45 x MAP throughput, relative >= 0.35 x, fit <= 1.1 x one
+4. the tokenization of the scoring responses written as text (words of the tiny word-level tokenizer, the same
+   lengths): one `tokenize_response` call per response / one `tokenize_responses` call (one batched tokenizer call);
+5. the peak resident memory of each phase;
+6. the targets side by side (issue 15): (mean, var) >= 0.45 x MAP throughput, relative >= 0.35 x, fit <= 1.1 x one
    MAP epoch; and (issue 6) >= 10 x the stock predictive.
 
 The MAP epoch, the fits and the scoring runs are repeated `--repeats` times in interleaved rounds (epoch, fit kron,
@@ -64,6 +66,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification, Printe
 import trl_bayes
 from trl_bayes import BayesianRewardConfig, BayesianRewardModel, BayesianRewardTrainer
 from trl_bayes.experiments.world import build_tokenizer
+from trl_bayes.generation import tokenize_response, tokenize_responses
 from trl_bayes.laplace_lora import without_input_require_grads_hooks
 from trl_bayes.relative_variance import relative_predict_ids
 from trl_bayes.reward import pad_token_ids, scoring_mode
@@ -368,6 +371,36 @@ def bench_stock(
     return rows, agreement, speedups
 
 
+def bench_tokenization(
+    tokenizer: transformers.PreTrainedTokenizerBase, responses: list[list[int]], seed: int, repeats: int
+) -> list[Row]:
+    """`tokenize_response` per response against one `tokenize_responses` call, in interleaved rounds, on texts as long
+    as `responses` (8 prompt words, the rest completion words; EOS appended): the CPU work `predict` does before its
+    forward passes. At least 15 rounds: a round takes milliseconds, and the batched call's threads are easily delayed
+    (e.g. by torch's OpenMP threads still spinning after the previous phase). Raises if the two give different ids."""
+    rng = random.Random(seed)  # its own stream: the random token ids of the other phases stay as they were
+    words = [w for w in tokenizer.get_vocab() if w not in tokenizer.all_special_tokens]
+    texts = [" ".join(rng.choices(words, k=len(ids) - 1)) for ids in responses]  # - 1: the EOS
+    prompts = [" ".join(text.split(" ")[:8]) + " " for text in texts]
+    completions = [" ".join(text.split(" ")[8:]) for text in texts]
+    phases: dict[str, Callable[[], Any]] = {
+        "per item": lambda: [tokenize_response(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)],
+        "batched": lambda: tokenize_responses(tokenizer, prompts, completions),
+    }
+    for fn in phases.values():
+        fn()  # warm-up
+    results = interleaved(phases, max(repeats, 15))
+    (per_item, ids, probe), (batched, batched_ids, batched_probe) = results["per item"], results["batched"]
+    if batched_ids != ids:
+        raise RuntimeError("tokenize_responses gave other ids than tokenize_response per response.")
+    n = len(responses)
+    ratio = f"{per_item / batched:.2f} x faster, same ids"
+    return [
+        Row("tokenize_response per item", "-", per_item, "1.00 (reference)", probe, n / per_item),
+        Row("tokenize_responses (1 call)", "-", batched, ratio, batched_probe, n / batched),
+    ]
+
+
 def main() -> None:
     args = parse_args()
     if args.threads is not None:
@@ -433,6 +466,7 @@ def main() -> None:
         stock_rows, agreement, speedups = bench_stock(
             posteriors, responses[: args.stock_batch], tokenizer.pad_token_id, ours
         )
+        tokenize_rows = bench_tokenization(tokenizer, responses, args.seed + 1, args.repeats)
 
     n_params = sum(p.numel() for p in trainer.model.parameters())
     n_laplace = {s: p.n_params for s, p in posteriors.items()}
@@ -448,13 +482,19 @@ def main() -> None:
         cells = f"{row.structure:<6} {row.kfac:<13} {row.seconds:9.2f}"
         print(f"{row.name:<30} {cells}  {row.ratio:<22} {row.probe.cells()}")
     print(f"\n{'scoring':<30} {head} {'resp/s':>8}  {'ratio':<34} {mem_header}")
-    for row in score_rows + stock_rows:
+    for row in score_rows + stock_rows + tokenize_rows:
         cells = f"{row.structure:<6} {row.kfac:<13} {row.seconds:9.2f} {row.rate:8.2f}"
         print(f"{row.name:<30} {cells}  {row.ratio:<34} {row.probe.cells()}")
     print(
         f"\nMAP and (mean, var) scoring of {args.batch_size} responses in batches of {args.batch_size}; the stock "
         f"predictive on the first {args.stock_batch} of them in one batch (its cost per response grows with the "
         "batch, so a smaller batch flatters it; ours is one forward and one backward per batch)."
+    )
+    per_item, batched = (row.seconds for row in tokenize_rows)
+    print(
+        f"tokenization of the same {args.batch_size} responses as text (word-level tokenizer, fast={tokenizer.is_fast}"
+        f"), as `predict` tokenizes them before scoring: per item {per_item * 1e3:.2f} ms, one batched call "
+        f"{batched * 1e3:.2f} ms, {per_item / batched:.2f} x."
     )
     print("stock vs ours on the same responses: " + "; ".join(agreement))
     if fit_agreement:
@@ -482,7 +522,7 @@ def main() -> None:
         f"{'peak RSS MiB, fit / (mean, var) scoring':<45} {'report':<8} "
         + " ".join(f"{f'{fit_peaks[s]:.0f} / {score_peaks[s]:.0f}':<12}" for s in args.structures)
     )
-    probes = [row.probe for row in fit_rows + score_rows + stock_rows]
+    probes = [row.probe for row in fit_rows + score_rows + stock_rows + tokenize_rows]
     how = (
         "VmHWM, reset per phase via /proc/self/clear_refs"
         if all(probe.resettable for probe in probes)

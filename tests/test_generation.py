@@ -1,4 +1,4 @@
-"""trl_bayes.generation: prompt tokenization, the one sampling loop (`generate`), decoding, and the log-probabilities
+"""trl_bayes.generation: response and prompt tokenization, the one sampling loop (`generate`), decoding, and the log-probabilities
 of sampled tokens, on a tiny random GPT-NeoX policy."""
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import GenerationConfig
+from transformers import ByT5Tokenizer, GenerationConfig, ProcessorMixin
+from trl.data_utils import _tokenize
 
 import trl_bayes.generation
+from trl_bayes.experiments.world import build_tokenizer
 from trl_bayes.generation import (
     chunk_seed,
     completion_logprobs,
@@ -23,6 +25,8 @@ from trl_bayes.generation import (
     logprobs_from_logits,
     reference_logprobs,
     tokenize_prompts,
+    tokenize_response,
+    tokenize_responses,
 )
 
 from .test_best_of_n import PROMPTS, make_policy
@@ -95,6 +99,98 @@ def test_tokenize_prompts_plain_and_through_the_chat_template(tokenizer):
 def test_tokenize_prompts_rejects_bad_prompts(tokenizer, prompts, message):
     with pytest.raises(ValueError, match=message):
         tokenize_prompts(tokenizer, prompts, "train_dataset['prompt']")
+
+
+# Rows of every kind `tokenize_responses` takes, in one mixed list: plain text, plain text already ending with EOS (no
+# second EOS), an empty completion (the prompt and EOS), a conversation, and a message completion with a text prompt
+# (the prompt is dropped: only messages reach the chat template).
+def response_rows(eos: str) -> tuple[list, list]:
+    chat_prompt = [{"role": "user", "content": "name a few fruits :"}]
+    assistant = [{"role": "assistant", "content": "apple pear"}]
+    prompts = ["name a few fruits : ", "name a few fruits : ", "list animals", chat_prompt, "ignored", "a few"]
+    completions = ["apple pear", "apple pear" + eos, "", assistant, assistant, " tools"]
+    return prompts, completions
+
+
+def with_chat_template(tokenizer):
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{{ eos_token }}"
+    return chat
+
+
+def slow_tokenizer():
+    # A python (slow) tokenizer that needs no files: ByT5 encodes UTF-8 bytes and appends its own EOS `</s>`.
+    return ByT5Tokenizer()
+
+
+# ByT5 warns when a text already ends with its EOS (the rows ending with EOS); it adds no second one.
+@pytest.mark.filterwarnings("ignore:This sequence already has")
+@pytest.mark.parametrize("make", [build_tokenizer, slow_tokenizer], ids=["fast", "slow"])
+def test_tokenize_responses_equals_trl_tokenize_row_by_row(make):
+    tokenizer = with_chat_template(make())
+    prompts, completions = response_rows(tokenizer.eos_token)
+    # The reference: TRL's `_tokenize` on each row, as `RewardTrainer` tokenizes a training pair.
+    expected = [
+        _tokenize(tokenizer, c if isinstance(p, str) else p + c)["input_ids"]
+        if isinstance(c, list)
+        else _tokenize(tokenizer, p + (c if c.endswith(tokenizer.eos_token) else c + tokenizer.eos_token))["input_ids"]
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+    ids = tokenize_responses(tokenizer, prompts, completions)
+    assert ids == [list(e) for e in expected]
+    assert ids == [tokenize_response(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+    # Plain text only (all rows in one batch call) and a sub-list give the same rows.
+    plain = [i for i, c in enumerate(completions) if isinstance(c, str)]
+    assert tokenize_responses(tokenizer, [prompts[i] for i in plain], [completions[i] for i in plain]) == [
+        ids[i] for i in plain
+    ]
+    assert tokenize_responses(tokenizer, [], []) == []
+
+
+def test_tokenize_responses_hand_computed(tokenizer):
+    tokenizer = with_chat_template(tokenizer)
+    vocab, eos = tokenizer.get_vocab(), tokenizer.eos_token_id
+    fruits = [vocab[w] for w in ["name", "a", "few", "fruits", ":", "apple", "pear"]] + [eos]
+    prompts, completions = response_rows(tokenizer.eos_token)
+    ids = tokenize_responses(tokenizer, prompts, completions)
+    # One EOS whether or not the completion ends with it; the chat template renders the same words, then its EOS.
+    assert ids[:2] == [fruits, fruits] and ids[3] == fruits
+    assert ids[2] == [vocab["list"], vocab["animals"], eos]
+    assert ids[4] == [vocab["apple"], vocab["pear"], eos]
+
+
+class BatchingProcessor(ProcessorMixin):
+    """A stand-in for a VLM processor: it returns a batch of one for one text, which TRL's `_tokenize` unwraps."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    @property
+    def eos_token(self) -> str:
+        return self.tokenizer.eos_token
+
+    def __call__(self, text: str):
+        return self.tokenizer(text=[text])
+
+
+def test_tokenize_responses_of_a_processor_go_one_by_one(tokenizer):
+    prompts, completions = ["name a few fruits : ", "list animals"], ["apple pear", ""]
+    # Batched, the processor's rows would come back as one nested list per call.
+    expected = tokenize_responses(tokenizer, prompts, completions)
+    assert tokenize_responses(BatchingProcessor(tokenizer), prompts, completions) == expected
+
+
+@pytest.mark.parametrize(
+    ("prompts", "completions", "error", "message"),
+    [
+        (["a", "b"], ["c"], ValueError, "Got 2 prompts but 1 completions"),
+        (["a", 3], ["b", "c"], TypeError, "got int and str"),
+        (["a"], [None], TypeError, "got str and NoneType"),
+    ],
+)
+def test_tokenize_responses_rejects_bad_rows(tokenizer, prompts, completions, error, message):
+    with pytest.raises(error, match=message):
+        tokenize_responses(tokenizer, prompts, completions)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

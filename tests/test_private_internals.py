@@ -149,11 +149,12 @@ def test_laplace_fit_fills_the_fields_we_fill():
 
 
 def test_trl_tokenize(tokenizer):
-    """`trl.data_utils._tokenize` is what `RewardTrainer` tokenizes pairs with; scoring calls it too, so a reward is
-    read from exactly the training tokens (plain text: the tokenizer's call; conversations: its chat template)."""
+    """`trl.data_utils._tokenize` is what `RewardTrainer` tokenizes pairs with; scoring calls it for conversations
+    and, for plain text, calls the tokenizer on a whole list at once, which holds only while `_tokenize` on plain text
+    is the tokenizer's own call: a reward is read from exactly the training tokens."""
     import trl.data_utils
 
-    used_by = "trl_bayes.generation.tokenize_response (scoring tokenizes as RewardTrainer does)"
+    used_by = "trl_bayes.generation.tokenize_responses (scoring tokenizes as RewardTrainer does)"
     tokenize = getattr(trl.data_utils, "_tokenize", None)
     require(callable(tokenize), "trl", "trl.data_utils._tokenize", used_by)
     params = list(inspect.signature(tokenize).parameters)
@@ -162,6 +163,10 @@ def test_trl_tokenize(tokenizer):
     text = "name a few fruits : apple pear" + tokenizer.eos_token
     expected = [vocab[w] for w in ["name", "a", "few", "fruits", ":", "apple", "pear"]] + [tokenizer.eos_token_id]
     require(list(tokenize(tokenizer, text)["input_ids"]) == expected, "trl", "_tokenize on plain text", used_by)
+    texts = [text, "apple" + tokenizer.eos_token, tokenizer.eos_token]
+    batch = [list(ids) for ids in tokenizer(text=texts)["input_ids"]]
+    per_text = [list(tokenize(tokenizer, t)["input_ids"]) for t in texts]
+    require(batch == per_text, "trl", "_tokenize on plain text = the tokenizer's call on a list", used_by)
     chat = copy.deepcopy(tokenizer)
     chat.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{{ eos_token }}"
     messages = [{"role": "user", "content": "name a few fruits :"}, {"role": "assistant", "content": "apple pear"}]

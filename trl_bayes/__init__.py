@@ -22,7 +22,14 @@ _MODULES = {
     "active": ["CandidatePool", "SelectionStrategy", "select_pairs"],
     "best_of_n": ["BestOfNOutput", "BestOfNSampler", "best_of_n_estimate", "kl_best_of_n"],
     "evaluation": ["evaluate_policy"],
-    "generation": ["GenerationOutput", "chunk_seed", "generate", "tokenize_prompts", "tokenize_response"],
+    "generation": [
+        "GenerationOutput",
+        "chunk_seed",
+        "generate",
+        "tokenize_prompts",
+        "tokenize_response",
+        "tokenize_responses",
+    ],
     "enums": ["Curvature", "HessianStructure", "KFACApprox", "PriorPrecisionMethod", "SubsetOfWeights"],
     "penalties": [
         "PenalizedReward",
@@ -83,6 +90,7 @@ __all__ = [
     "select_pairs",
     "tokenize_prompts",
     "tokenize_response",
+    "tokenize_responses",
 ]
 
 if TYPE_CHECKING:
@@ -90,7 +98,14 @@ if TYPE_CHECKING:
     from .best_of_n import BestOfNOutput, BestOfNSampler, best_of_n_estimate, kl_best_of_n
     from .enums import Curvature, HessianStructure, KFACApprox, PriorPrecisionMethod, SubsetOfWeights
     from .evaluation import evaluate_policy
-    from .generation import GenerationOutput, chunk_seed, generate, tokenize_prompts, tokenize_response
+    from .generation import (
+        GenerationOutput,
+        chunk_seed,
+        generate,
+        tokenize_prompts,
+        tokenize_response,
+        tokenize_responses,
+    )
     from .penalties import (
         PenalizedReward,
         Penalty,

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .generation import pad_token_ids, tokenize_response
+from .generation import pad_token_ids, tokenize_responses
 from .penalties import combine_gaussians
 from .per_sample import PosteriorScale, ScaledGradients, forward_backward
 from .relative_variance import group_blocks
@@ -234,10 +234,11 @@ def _blocks(members: list, pool: CandidatePool, groups: list[int], block_respons
         block_groups = list(dict.fromkeys(keys[i] for i in rows))
         sizes = torch.tensor([len(pool.candidates[g]) for g in block_groups])
         starts = dict(zip(block_groups, (torch.cumsum(sizes, 0) - sizes).tolist(), strict=True))
+        prompts = [pool.prompts[g] for g in block_groups for _ in pool.candidates[g]]
+        completions = [c for g in block_groups for c in pool.candidates[g]]
         means, scaled = [], []
         for member in members:
-            ids = [tokenize_response(member.tokenizer, pool.prompts[g], c) for g in block_groups
-                   for c in pool.candidates[g]]  # fmt: skip
+            ids = tokenize_responses(member.tokenizer, prompts, completions)
             mean, rows_u = scaled_gradients(member, ids, batch_size)
             means.append(mean)
             scaled.append(rows_u)

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .batching import DEFAULT_MAX_TOKENS, scoring_batches
 from .diagnostics import pair_metrics
-from .generation import eval_mode, pad_token_ids, tokenize_response
+from .generation import eval_mode, pad_token_ids, tokenize_responses
 
 # The folder's files and quiet loading live in `hub`, the preference formats in `preference_formats`; their names stay
 # importable from here.
@@ -150,7 +150,7 @@ class BayesianRewardModel:
             raise ValueError(
                 f"Got {len(prompts)} prompts but {len(completions)} completions: pass one prompt per completion."
             )
-        ids = [tokenize_response(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+        ids = tokenize_responses(self.tokenizer, prompts, completions)
         return self.predict_ids(
             ids,
             batch_size=batch_size,
@@ -215,10 +215,8 @@ class BayesianRewardModel:
         """
         if not len(prompts) == len(chosen) == len(rejected):
             raise ValueError(f"Got {len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected.")
-        pairs = [
-            (tokenize_response(self.tokenizer, p, c), tokenize_response(self.tokenizer, p, r))
-            for p, c, r in zip(prompts, chosen, rejected, strict=True)
-        ]
+        chosen_ids = tokenize_responses(self.tokenizer, prompts, chosen)
+        pairs = list(zip(chosen_ids, tokenize_responses(self.tokenizer, prompts, rejected), strict=True))
         return self.predict_pair_ids(pairs, batch_size, progress_bar, laplace_backend, max_tokens)
 
     def predict_pair_ids(
@@ -280,7 +278,7 @@ class BayesianRewardModel:
                 f"Got {len(prompts)} prompts but {len(completions)} completions: pass one prompt per completion."
             )
         keys = [prompt_key(p) for p in prompts]
-        ids = [tokenize_response(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+        ids = tokenize_responses(self.tokenizer, prompts, completions)
         with scoring_mode(self.model):
             reference_means = None
             if reference is not None:
@@ -316,7 +314,7 @@ class BayesianRewardModel:
                 completions = reference[key]
             else:
                 raise ValueError(f"`reference` has no completions for the prompt {key[:60]!r}.")
-            todo[key] = [tokenize_response(self.tokenizer, prompt, c) for c in completions]
+            todo[key] = tokenize_responses(self.tokenizer, [prompt] * len(completions), completions)
         if todo:
             with scoring_mode(self.model):
                 self.reference_cache.update(reference_gradient_means(self, todo, batch_size, max_tokens))
@@ -337,10 +335,8 @@ class BayesianRewardModel:
 
         Rows of any TRL preference format: `model.evaluate(*preference_pairs(dataset))`.
         """
-        pairs = [
-            (tokenize_response(self.tokenizer, p, c), tokenize_response(self.tokenizer, p, r))
-            for p, c, r in zip(prompts, chosen, rejected, strict=True)
-        ]
+        chosen_ids = tokenize_responses(self.tokenizer, prompts, chosen)
+        pairs = list(zip(chosen_ids, tokenize_responses(self.tokenizer, prompts, rejected), strict=True))
         return self.evaluate_pair_ids(pairs, batch_size, progress_bar)
 
     def evaluate_pair_ids(

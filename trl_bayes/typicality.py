@@ -42,7 +42,7 @@ from peft import PeftModel
 from torch import nn
 
 from .batching import DEFAULT_MAX_TOKENS, scoring_batches
-from .generation import eval_mode, pad_token_ids, tokenize_prompts, tokenize_response
+from .generation import eval_mode, pad_token_ids, tokenize_prompts, tokenize_responses
 from .relative_variance import prompt_key, relative_predict_ids
 from .reward_model import scoring_mode
 
@@ -102,7 +102,7 @@ def predict_prior_relative(
     if len(prompts) != len(completions):
         raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions: one prompt per completion.")
     keys = [prompt_key(p) for p in prompts]
-    ids = [tokenize_response(model.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+    ids = tokenize_responses(model.tokenizer, prompts, completions)
     reference_means = None
     if reference is not None:
         # Mean gradients J_mean do not depend on the covariance: the posterior's cache serves the prior too.
@@ -212,7 +212,7 @@ def predict_hidden(
     features and MAP rewards from one forward pass."""
     if len(prompts) != len(completions):
         raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions: one prompt per completion.")
-    ids = [tokenize_response(model.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+    ids = tokenize_responses(model.tokenizer, prompts, completions)
     return hidden_features(model.model, ids, model.tokenizer.pad_token_id, batch_size, max_tokens, return_rewards)
 
 

@@ -93,32 +93,21 @@ def score_pairs(posterior, dataset, max_length: int | None, batch_size: int):
     """
     import torch
 
-    from trl_bayes.generation import tokenize_response
+    from trl_bayes.generation import tokenize_responses
     from trl_bayes.preference_formats import preference_pairs
 
     # Any TRL preference format; an implicit prompt is extracted as TRL extracts it, never left empty (an empty prompt
     # would put every response of the dataset in one group of the relative variance).
     prompts, chosen, rejected = preference_pairs(dataset)
-    keep = [
-        i
-        for i, (prompt, c, r) in enumerate(zip(prompts, chosen, rejected, strict=True))
-        if max_length is None
-        or max(
-            len(tokenize_response(posterior.tokenizer, prompt, c)),
-            len(tokenize_response(posterior.tokenizer, prompt, r)),
-        )
-        <= max_length
-    ]
-    if not keep:
+    tokenizer = posterior.tokenizer
+    chosen_ids = tokenize_responses(tokenizer, prompts, chosen)
+    pairs = list(zip(chosen_ids, tokenize_responses(tokenizer, prompts, rejected), strict=True))
+    kept = [pair for pair in pairs if max_length is None or max(len(ids) for ids in pair) <= max_length]
+    if not kept:
         raise ValueError(f"No held-out pair fits in max_length={max_length} tokens.")
-    mean, var = posterior.predict_pairs(
-        [prompts[i] for i in keep],
-        [chosen[i] for i in keep],
-        [rejected[i] for i in keep],
-        batch_size=batch_size,
-        progress_bar=True,
-    )
-    return mean.to(torch.float64), var.to(torch.float64), len(dataset) - len(keep)
+    # Scored from the ids tokenized above (what `predict_pairs` would tokenize again).
+    mean, var = posterior.predict_pair_ids(kept, batch_size=batch_size, progress_bar=True)
+    return mean.to(torch.float64), var.to(torch.float64), len(dataset) - len(kept)
 
 
 def write_summary(output_dir: Path, summary: dict) -> tuple[Path, Path]:
