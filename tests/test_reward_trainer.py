@@ -333,6 +333,10 @@ def test_evaluate_posterior_reports_pair_metrics_to_the_config_and_the_card(toke
     # The tokenized path equals scoring the texts: the pair metrics of `predict_pairs`.
     diff_mean, diff_var = trainer.posterior.predict_pairs(held_out["prompt"], held_out["chosen"], held_out["rejected"])
     assert metrics == pytest.approx({**pair_metrics(diff_mean, diff_var), "num_pairs": 8})
+    # The model's own evaluate on the texts: the same metrics by the token budget (the default) or pairs of 3.
+    texts = (held_out["prompt"], held_out["chosen"], held_out["rejected"])
+    for batching in ({}, {"batch_size": 3}, {"max_tokens": 16}):
+        assert trainer.posterior.evaluate(*texts, **batching) == pytest.approx(metrics, rel=1e-5, abs=1e-6)
     assert trainer.state.log_history[-1]["laplace/eval_laplace_probit_nll"] == pytest.approx(
         metrics["laplace_probit_nll"]
     )

@@ -326,26 +326,32 @@ class BayesianRewardModel:
         prompts: Sequence[Any],
         chosen: Sequence[Any],
         rejected: Sequence[Any],
-        batch_size: int = 16,
+        batch_size: int | None = None,
         progress_bar: bool = False,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> dict[str, float]:
         """Held-out accuracy, Bradley-Terry NLL and expected calibration error of the MAP reward and of the Laplace
         predictive on preference pairs (`diagnostics.pair_metrics`, plus `num_pairs`). Kept in
-        `metadata["eval_metrics"]`: `laplace_config.json` and the model card report them.
+        `metadata["eval_metrics"]`: `laplace_config.json` and the model card report them. Batches as
+        `predict_pairs` (`None`: whole pairs within the `max_tokens` budget).
 
         Rows of any TRL preference format: `model.evaluate(*preference_pairs(dataset))`.
         """
         chosen_ids = tokenize_responses(self.tokenizer, prompts, chosen)
         pairs = list(zip(chosen_ids, tokenize_responses(self.tokenizer, prompts, rejected), strict=True))
-        return self.evaluate_pair_ids(pairs, batch_size, progress_bar)
+        return self.evaluate_pair_ids(pairs, batch_size, progress_bar, max_tokens)
 
     def evaluate_pair_ids(
-        self, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16, progress_bar: bool = False
+        self,
+        pairs: Sequence[tuple[list[int], list[int]]],
+        batch_size: int | None = None,
+        progress_bar: bool = False,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> dict[str, float]:
         """Like `evaluate`, from `(chosen, rejected)` token ids (as `predict_pair_ids`)."""
         if len(pairs) == 0:
             raise ValueError("No preference pairs to evaluate on.")
-        mean, var = self.predict_pair_ids(pairs, batch_size, progress_bar)
+        mean, var = self.predict_pair_ids(pairs, batch_size, progress_bar, max_tokens=max_tokens)
         metrics = {**pair_metrics(mean, var), "num_pairs": len(pairs)}
         self.metadata["eval_metrics"] = metrics
         return metrics
