@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.recipe_runs import assert_fails_before_any_work, load_recipe, run_recipe
+from trl_bayes.experiments.best_of_n_study import UNCERTAINTY_COLUMNS
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "bon.py"
 PAPER_CONFIG = RECIPE.parent / "configs" / "bon_pythia_alpacafarm.yaml"
@@ -48,7 +49,10 @@ def test_offline_default_writes_results_and_resumes_from_cache(tmp_path):
     with (out / "bon_classes.csv").open() as f:
         classes = list(csv.DictReader(f))
     assert {r["class"] for r in classes} == {"repetition", "short", "long", "off_topic", "typical"}
-    assert {r["uncertainty"] for r in classes} == {"marginal", "relative"}
+    # Every uncertainty of member 0 the default methods score, named as `PenalizedReward(uncertainty=...)`'s options.
+    assert {r["uncertainty"] for r in classes} == set(UNCERTAINTY_COLUMNS)
+    with (out / "bon_diagnostics.csv").open() as f:
+        assert {r["uncertainty"] for r in csv.DictReader(f)} == set(UNCERTAINTY_COLUMNS)
     # k is chosen per seed on the 2 validation prompts, never on the 4 reported ones: one pick per (seed, method,
     # penalty), the best validation gold at the largest n, over the grid and the ks its extension added.
     with (out / "k_selection.csv").open() as f:
@@ -95,6 +99,9 @@ def test_offline_default_writes_results_and_resumes_from_cache(tmp_path):
     assert (out / "bon_results.csv").read_text() == "".join(
         [lines[0], *(line for line in lines[1:] if line.split(",")[0] in old)]
     )
+    # ... and the diagnostics cover the Laplace variances only: the typicality columns were not scored.
+    with (out / "bon_classes.csv").open() as f:
+        assert {r["uncertainty"] for r in csv.DictReader(f)} == {"marginal", "relative"}
 
 
 @pytest.mark.parametrize(

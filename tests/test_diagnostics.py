@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 
 import numpy as np
@@ -108,3 +109,52 @@ def test_within_prompt_correlation_ignores_offsets_between_prompts():
     assert within_prompt_correlation(x, y) == pytest.approx(-1.0)
     assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.9
     assert math.isnan(within_prompt_correlation(np.ones((2, 3)), y))
+
+
+def test_bon_diagnostics_report_every_scored_uncertainty_under_its_option_name(tmp_path):
+    """recipes/bon.py's diagnostics cover each uncertainty member 0 was scored with (`UNCERTAINTY_COLUMNS`), named as
+    `PenalizedReward(uncertainty=...)`'s options, on the reported prompts only; an unscored one has no rows."""
+    from types import SimpleNamespace
+
+    from trl_bayes.experiments.best_of_n_report import write_diagnostics
+    from trl_bayes.experiments.best_of_n_study import UNCERTAINTY_COLUMNS
+    from trl_bayes.experiments.world import RESPONSE_CLASSES, response_classes, world_prompts
+    from trl_bayes.penalties import UNCERTAINTIES
+
+    assert list(UNCERTAINTY_COLUMNS) == [*UNCERTAINTIES, "sft_nll"]
+    # 3 reported prompts and 1 validation prompt (row 3) of 6 samples each: every class of response is there.
+    prompts = world_prompts()[:4]
+    kinds = ["apple pear plum", "apple apple apple apple", "apple", "apple pear plum fig kiwi lime lemon grape mango",
+             "carrot leek bean", "pear fig kiwi"]  # fmt: skip
+    completions = [kinds[i:] + kinds[:i] for i in range(4)]
+    rng = np.random.default_rng(0)
+    gold, mean = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
+    # Member 0 holds three of the uncertainties; the validation row's values would show if it were not cut off.
+    scored = {
+        "var": rng.random((4, 6)),
+        "hidden_mahalanobis": rng.random((4, 6)),
+        "sft_nll_squared": rng.random((4, 6)),
+    }
+    for column in scored.values():
+        column[3] = 1e6
+    member = {"mean": mean, **scored, "pair_mean": rng.normal(size=8), "pair_var": rng.random(8)}
+    args = SimpleNamespace(seeds=[0], ns=[1, 2, 6], offline=True, gold_reward="world")
+    _, along_n, length_rows, class_rows = write_diagnostics(
+        tmp_path, args, prompts[:3], gold, {(0, 0): member}, None, completions, slice(0, 3)
+    )
+    named = ["marginal", "hidden_mahalanobis", "sft_nll"]
+    for rows in (along_n, length_rows, class_rows):
+        assert list(dict.fromkeys(r["uncertainty"] for r in rows)) == named
+    classes = [[response_classes(p, c) for c in row] for p, row in zip(prompts[:3], completions[:3], strict=True)]
+    masks = {name: np.array([[name in c for c in row] for row in classes]) for name in RESPONSE_CLASSES}
+    error = (mean[:3] - mean[:3].mean()) / mean[:3].std() - (gold[:3] - gold[:3].mean()) / gold[:3].std()
+    for uncertainty in named:
+        expected = uncertainty_by_class(np.sqrt(scored[UNCERTAINTY_COLUMNS[uncertainty]][:3]), masks, error)
+        got = [r for r in class_rows if r["uncertainty"] == uncertainty]
+        assert [r["class"] for r in got] == [r["class"] for r in expected] == list(RESPONSE_CLASSES)
+        for row, want in zip(got, expected, strict=True):
+            numbers = {k: v for k, v in want.items() if k != "class"}
+            assert {k: row[k] for k in numbers} == pytest.approx(numbers, nan_ok=True)
+    assert {r["n"] for r in along_n} == {1, 2, 6} and (tmp_path / "bon_diagnostics.png").stat().st_size > 10_000
+    with (tmp_path / "bon_classes.csv").open() as f:
+        assert [r["uncertainty"] for r in csv.DictReader(f)] == [u for u in named for _ in RESPONSE_CLASSES]

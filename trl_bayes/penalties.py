@@ -60,9 +60,9 @@ a `reference` set.
 """
 UNCERTAINTIES = tuple(UNCERTAINTY_FIELDS)
 GROUP_UNCERTAINTIES = UNCERTAINTIES[1:]
+"""The uncertainties measured within a prompt's group of completions (or against its `reference` set)."""
 LAPLACE_UNCERTAINTIES = ("marginal", "relative")
 """The uncertainties that are variances of the reward under the Laplace posterior (the others are typicality)."""
-"""The uncertainties measured within a prompt's group of completions (or against its `reference` set)."""
 
 
 class Penalty(str, Enum):

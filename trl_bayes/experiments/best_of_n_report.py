@@ -9,8 +9,10 @@ from typing import Any
 
 from trl_bayes.experiments.best_of_n_study import (
     METHODS,
+    SAMPLE_COLUMNS,
     SELECTED_METHODS,
     TYPICALITY_COLUMNS,
+    UNCERTAINTY_COLUMNS,
     grid_extensions,
     method_specs,
     penalty_labels,
@@ -114,8 +116,9 @@ def plot_curves(path: Path, rows: list[dict[str, Any]], args, selection: list[di
 
 
 def diagnostics(args, gold_scores, proxies, held_out, completions) -> tuple[list[dict], list[dict], list[dict]]:
-    """On the reported prompts: held-out pair metrics of MAP vs LA per seed; per seed and variance (marginal, and
-    relative when scored), the std-vs-proxy-error correlations along n; and the std against the completion's length.
+    """On the reported prompts: held-out pair metrics of MAP vs LA per seed; per seed and uncertainty of member 0 that
+    was scored (`UNCERTAINTY_COLUMNS`: the Laplace variances and the typicality baselines' squared scores; std = their
+    square root), the std-vs-proxy-error correlations along n; and the std against the completion's length.
 
     Returns:
         pair rows, along-n rows (`seed`, `uncertainty`, ... of `uncertainty_along_n`), and length rows (`seed`,
@@ -134,7 +137,7 @@ def diagnostics(args, gold_scores, proxies, held_out, completions) -> tuple[list
         member = proxies[seed, 0]
         metrics = pair_metrics(torch.from_numpy(member["pair_mean"]), torch.from_numpy(member["pair_var"]))
         pair_rows.append({"seed": seed, **metrics})
-        for uncertainty, column in (("marginal", "var"), ("relative", "rel_var")):
+        for uncertainty, column in UNCERTAINTY_COLUMNS.items():
             if column not in member:
                 continue
             std = np.sqrt(member[column])
@@ -151,10 +154,11 @@ def diagnostics(args, gold_scores, proxies, held_out, completions) -> tuple[list
 
 
 def class_diagnostics(args, prompts, gold_scores, proxies, completions) -> list[dict]:
-    """On the reported prompts of an offline world: per seed (member 0) and variance, the std of exploit-like responses
-    (`trl_bayes.experiments.world.response_classes`: degenerate repetition, very short, very long, off-topic) against typical
-    ones, standardized within each prompt (`uncertainty_by_class`), with the proxy's mean error z(proxy) - z(gold) on
-    each class. A penalty helps only if the classes the proxy overrates (error > 0) get z-std > 0."""
+    """On the reported prompts of an offline world: per seed (member 0) and uncertainty that was scored
+    (`UNCERTAINTY_COLUMNS`), the std of exploit-like responses (`trl_bayes.experiments.world.response_classes`:
+    degenerate repetition, very short, very long, off-topic) against typical ones, standardized within each prompt
+    (`uncertainty_by_class`), with the proxy's mean error z(proxy) - z(gold) on each class. A penalty helps only if the
+    classes the proxy overrates (error > 0) get z-std > 0."""
     import numpy as np
 
     from trl_bayes.diagnostics import standardize, uncertainty_by_class
@@ -166,7 +170,7 @@ def class_diagnostics(args, prompts, gold_scores, proxies, completions) -> list[
     for seed in args.seeds:
         member = proxies[seed, 0]
         error = standardize(member["mean"]) - standardize(gold_scores)
-        for uncertainty, column in (("marginal", "var"), ("relative", "rel_var")):
+        for uncertainty, column in UNCERTAINTY_COLUMNS.items():
             if column in member:
                 for row in uncertainty_by_class(np.sqrt(member[column]), masks, error):
                     rows.append({"seed": seed, "uncertainty": uncertainty, **row})
@@ -174,33 +178,37 @@ def class_diagnostics(args, prompts, gold_scores, proxies, completions) -> list[
 
 
 def plot_diagnostics(path: Path, along_n: list[dict], length_rows: list[dict], args, class_rows=None) -> None:
+    """`bon_diagnostics.png`: per uncertainty (a color each, the same in every panel and run; solid for the Laplace
+    variances, dashed for the typicality baselines), the std-vs-proxy-error correlations along n, the z-scored std by
+    completion length and, with `class_rows`, by kind of response; one legend for all panels, below them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 4 if class_rows else 3, figsize=(21 if class_rows else 16, 4.5))
+    from trl_bayes.penalties import LAPLACE_UNCERTAINTIES
+
+    panels = 4 if class_rows else 3
+    # The class panel holds a bar per uncertainty and class: wider than the others.
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 5), width_ratios=[1, 1, 1, 1.5][:panels])
+    colors = {uncertainty: plt.cm.tab10(i) for i, uncertainty in enumerate(UNCERTAINTY_COLUMNS)}
     uncertainties = list(dict.fromkeys(r["uncertainty"] for r in along_n))
-    for uncertainty, style in zip(uncertainties, ("-", "--"), strict=False):
+    for uncertainty in uncertainties:
+        style = dict(ls="-" if uncertainty in LAPLACE_UNCERTAINTIES else "--", marker=".", color=colors[uncertainty])
         for ax, column in zip(axes[:2], ("corr_std_error_within", "corr_std_error"), strict=True):
             values = np.array([[r[column] for r in along_n if (r["seed"], r["uncertainty"]) == (s, uncertainty)]
                                for s in args.seeds])  # fmt: skip
             mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
-            (line,) = ax.plot(args.ns, mean, style, marker=".", label=f"{uncertainty} std")
-            ax.fill_between(args.ns, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+            ax.plot(args.ns, mean, **style)
+            ax.fill_between(args.ns, mean - std, mean + std, color=colors[uncertainty], alpha=0.08)
         mine = [r for r in length_rows if r["uncertainty"] == uncertainty]
         lengths = sorted({r["words"] for r in mine})
         # Response-weighted mean over seeds of the within-prompt z-scored std, per completion length.
         z = [np.average([r["mean_z_std"] for r in mine if r["words"] == w],
                         weights=[r["num_responses"] for r in mine if r["words"] == w]) for w in lengths]  # fmt: skip
-        axes[2].plot(
-            lengths,
-            z,
-            style,
-            marker=".",
-            label=f"{uncertainty} std (corr {np.mean([r['corr_within'] for r in mine]):+.2f})",
-        )
+        corr = np.mean([r["corr_within"] for r in mine])
+        axes[2].plot(lengths, z, **style, label=f"{uncertainty} std (within-prompt corr with length {corr:+.2f})")
     axes[0].set_title("within-prompt corr(std, proxy error)\namong each prompt's top N/n (mean ± std over seeds)")
     axes[1].set_title("pooled corr(std, proxy error), same responses")
     axes[2].set_title("std standardized within its prompt, by completion length")
@@ -214,7 +222,7 @@ def plot_diagnostics(path: Path, along_n: list[dict], length_rows: list[dict], a
         for i, uncertainty in enumerate(uncertainties):
             z = [np.nanmean([r["mean_z_std"] for r in class_rows if (r["class"], r["uncertainty"]) == (c, uncertainty)])
                  for c in names]  # fmt: skip
-            axes[3].bar(np.arange(len(names)) + i * width, z, width, label=f"{uncertainty} std")
+            axes[3].bar(np.arange(len(names)) + i * width, z, width, color=colors[uncertainty])
         errors = [np.nanmean([r["mean_error"] for r in class_rows if r["class"] == c]) for c in names]
         fractions = [np.mean([r["fraction"] for r in class_rows if r["class"] == c]) for c in names]
         axes[3].set_xticks(np.arange(len(names)) + 0.4 - width / 2)
@@ -224,8 +232,8 @@ def plot_diagnostics(path: Path, along_n: list[dict], length_rows: list[dict], a
     for ax in axes:
         ax.axhline(0, color="gray", lw=0.8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*axes[2].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -234,7 +242,7 @@ def write_diagnostics(output_dir: Path, args, prompts, gold_scores, proxies, hel
     """The uncertainty diagnostics on the reported prompts (rows `reported` of the (P, N) arrays; `prompts` are the
     reported ones): `pair_metrics.csv`, `bon_diagnostics.csv`, `bon_length.csv`, on the offline world `bon_classes.csv`,
     and `bon_diagnostics.png`. Returns (pair rows, along-n rows, length rows, class rows or None)."""
-    proxies = {key: {c: v[reported] if c in ("mean", "var", "rel_var") else v for c, v in member.items()}
+    proxies = {key: {c: v[reported] if c in SAMPLE_COLUMNS else v for c, v in member.items()}
                for key, member in proxies.items()}  # fmt: skip
     gold_scores, completions = gold_scores[reported], completions[reported]
     pair_rows, along_n, length_rows = diagnostics(args, gold_scores, proxies, held_out, completions)
@@ -344,8 +352,9 @@ def write_summary(
         lines.append(f"| {r['seed']} | {r['map_accuracy']:.3f} | {r['map_nll']:.4f} | {r['laplace_probit_nll']:.4f} | "
                      f"{r['map_ece']:.4f} | {r['laplace_ece']:.4f} |")  # fmt: skip
     uncertainties = list(dict.fromkeys(r["uncertainty"] for r in along_n))
-    lines += ["", "## Does the LA std flag the proxy's errors? (BoN samples, each seed's member 0)", "",
-              "Correlation between the LA std and the proxy's error z(proxy) - z(gold) among each prompt's top",
+    lines += ["", "## Does the uncertainty flag the proxy's errors? (BoN samples, each seed's member 0)", "",
+              "Correlation between the std (the square root of each uncertainty that was scored: the LA variances, the",
+              "typicality baselines' squared scores) and the proxy's error z(proxy) - z(gold) among each prompt's top",
               "ceil(N/n) samples by the MAP proxy (n = 1: all samples); positive = the penalty hits overrated responses.",
               "`within`: computed within each prompt, then averaged (what a ranking within a prompt sees); `pooled`:",
               "over all prompts' responses at once. Mean over seeds.", "",

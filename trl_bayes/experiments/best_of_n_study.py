@@ -30,6 +30,17 @@ TYPICALITY_COLUMNS = {
     "Hidden-Maha": "hidden_mahalanobis",  # the same under the candidates' shrunk covariance
     "SFT-NLL": "sft_nll_squared",  # the SFT policy's mean per-token NLL, squared
 }
+# Every uncertainty of member 0's scores -> its column (squared): the Laplace variances, then the typicality baselines'.
+# Named as `PenalizedReward(uncertainty=...)`'s options (`trl_bayes.penalties.UNCERTAINTIES`; the SFT NLL, not one of
+# them, `sft_nll`): the diagnostics' `uncertainty` column (best_of_n_report) asks of each "does it flag the exploit?".
+UNCERTAINTY_COLUMNS = {
+    "marginal": "var",
+    "relative": "rel_var",
+    "prior_relative": TYPICALITY_COLUMNS["Prior-rel"],
+    "hidden_euclidean": TYPICALITY_COLUMNS["Hidden-Euc"],
+    "hidden_mahalanobis": TYPICALITY_COLUMNS["Hidden-Maha"],
+    "sft_nll": TYPICALITY_COLUMNS["SFT-NLL"],
+}
 METHODS = ("MAP", "LA", "LA-rel", "Ens", "Ens-WCO", "Ens-UWO", "LA-Ens", "LA-Ens-rel", *TYPICALITY_COLUMNS)
 LAPLACE_PENALTIES = ("std", "var")
 ENSEMBLE_METHODS = ("Ens", "Ens-WCO", "Ens-UWO", "LA-Ens", "LA-Ens-rel")
@@ -39,7 +50,7 @@ RELATIVE_METHODS = ("LA-rel", "LA-Ens-rel")
 # Methods with a penalty strength k, chosen per seed on the validation prompts (`k_selection.csv`).
 SELECTED_METHODS = ("LA", "LA-rel", "LA-Ens", "LA-Ens-rel", *TYPICALITY_COLUMNS)
 # The (P, N) arrays of a proxy's scores, one value per sample.
-SAMPLE_COLUMNS = ("mean", "var", "rel_var", *TYPICALITY_COLUMNS.values())
+SAMPLE_COLUMNS = ("mean", *UNCERTAINTY_COLUMNS.values())
 CSV_COLUMNS = ["method", "penalty", "k", "seed", "n", "kl", "proxy_reward", "gold_reward"]
 MAX_GRID_STEPS = 4
 """How many times `extend_grids` may double (or halve) the k of one method, penalty and seed."""
