@@ -16,6 +16,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# The smallest reward model the numerics tests build (`make_trainer(..., model_kwargs=TINY_MODEL)`).
+TINY_MODEL = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2)
+# Two prompts with 4 and 3 completions, interleaved so that groups are not contiguous in the input; lengths differ, so
+# batches are padded. With per-response weights (deduplication counts).
+GROUPED_PROMPTS = ["please list fruits : ", "name a few tools : "] * 3 + ["please list fruits : "]
+GROUPED_COMPLETIONS = ["apple pear fig", "saw", "red", "hammer saw drill drill", "cat dog", "nail", "apple apple"]
+GROUPED_WEIGHTS = [1.0, 2.0, 1.0, 1.0, 3.0, 1.0, 2.0]
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()

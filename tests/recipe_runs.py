@@ -12,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+SCRIPTS = RECIPES.parent / "scripts"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -28,7 +29,16 @@ def run_recipe(recipe: Path, *args: str, check: bool = True, cwd: Path | None = 
 
 def load_recipe(name: str) -> ModuleType:
     """The recipe `recipes/<name>.py` as a module (recipes/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"recipes_{name}", RECIPES / f"{name}.py")
+    return load_file(RECIPES / f"{name}.py", f"recipes_{name}")
+
+
+def load_script(name: str) -> ModuleType:
+    """The script `scripts/<name>.py` as a module, like `load_recipe`."""
+    return load_file(SCRIPTS / f"{name}.py", f"scripts_{name}")
+
+
+def load_file(path: Path, module_name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     # Registered before it runs: its dataclasses resolve their (string) annotations through sys.modules.
     sys.modules[spec.name] = module

@@ -21,9 +21,9 @@ from trl_bayes.active import (
     within_prompt_pairs,
 )
 
+from .conftest import TINY_MODEL as TINY
 from .conftest import lora_config, make_trainer
 
-TINY = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2)
 WORDS = "apple pear fig saw hammer drill red blue cat dog".split()
 
 

@@ -3,26 +3,21 @@ CUDA device; CI has none)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
-from pathlib import Path
 
 import torch
 from transformers import GPTNeoXForCausalLM
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+from .recipe_runs import load_script
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_gpu_check():
+    return load_script("gpu_check")
 
 
 def test_tiny_run_prints_every_measurement(capsys):
-    gpu_check = load_script()
+    gpu_check = load_gpu_check()
     start = time.perf_counter()
     results = gpu_check.main(["--tiny"])
     assert time.perf_counter() - start < 60
@@ -39,7 +34,7 @@ def test_tiny_run_prints_every_measurement(capsys):
 def test_paper_shapes_have_the_pythia_parameter_counts(tokenizer):
     # The totals the Pythia suite reports (Biderman et al. 2023, arXiv 2304.01373; untied input and output
     # embeddings of 50304 tokens): the configs in the script are those of the released models.
-    gpu_check = load_script()
+    gpu_check = load_gpu_check()
     for shape, total in ((gpu_check.PYTHIA_70M, 70_426_624), (gpu_check.PYTHIA_1_4B, 1_414_647_808)):
         with torch.device("meta"):  # no memory
             model = GPTNeoXForCausalLM(gpu_check.gpt_neox_config(shape, gpu_check.PYTHIA_VOCAB_SIZE, tokenizer))

@@ -31,10 +31,10 @@ from trl_bayes.per_sample import batch_jacobians, laplace_layers
 from trl_bayes.reward import BayesianRewardModel, pad_token_ids, tokenize_response
 from trl_bayes.synthetic import make_preference_dataset
 
+from .conftest import TINY_MODEL as TINY
 from .conftest import lora_config, make_trainer
 
 # Two layers, so that the LoRA factors of an inner layer are differentiated through a whole layer above them.
-TINY = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2)
 PROMPTS = ["please list fruits : ", "name a few tools : ", "give me some colors : ", "name a few animals : "]
 COMPLETIONS = ["apple pear fig", "saw", "red blue green red red blue and also", "cat"]  # lengths differ: padding
 

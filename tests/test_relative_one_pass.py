@@ -32,9 +32,9 @@ from trl_bayes.relative_variance import (
 )
 from trl_bayes.reward_model import BayesianRewardModel, scoring_mode
 
+from .conftest import TINY_MODEL as TINY
 from .conftest import lora_config, make_trainer
 
-TINY = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2)
 WORDS = "apple pear fig saw hammer drill red blue cat dog nail green".split()
 PROMPTS = [
     "list fruits : ",

@@ -24,13 +24,11 @@ from trl_bayes.per_sample import GLMVariance, PosteriorScale, centered, layer_gr
 from trl_bayes.relative_variance import group_blocks, prompt_key
 from trl_bayes.reward_model import BayesianRewardModel
 
+from .conftest import GROUPED_COMPLETIONS as COMPLETIONS
+from .conftest import GROUPED_PROMPTS as PROMPTS
+from .conftest import GROUPED_WEIGHTS as WEIGHTS
+from .conftest import TINY_MODEL as TINY
 from .conftest import lora_config, make_trainer
-
-TINY = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2)
-# Two prompts with 4 and 3 completions, interleaved so that groups are not contiguous in the input; lengths differ.
-PROMPTS = ["please list fruits : ", "name a few tools : "] * 3 + ["please list fruits : "]
-COMPLETIONS = ["apple pear fig", "saw", "red", "hammer saw drill drill", "cat dog", "nail", "apple apple"]
-WEIGHTS = [1.0, 2.0, 1.0, 1.0, 3.0, 1.0, 2.0]
 
 
 @pytest.fixture(scope="module")

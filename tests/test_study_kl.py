@@ -4,15 +4,14 @@ run end to end through recipes/ppo.py, its frontier recomputed by brute force fr
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
 from trl_bayes.experiments.rl_report import KL_FRONTIER_COLUMNS, KL_RESULTS_COLUMNS, kl_frontier
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "study_kl.py"
+from .recipe_runs import load_script
+
 TINY = [
     "--num_eval_prompts", "4", "--num_validation_prompts", "0", "--num_train_pairs", "48", "--num_eval_pairs", "12",
     "--num_demonstrations", "400", "--sft_num_train_epochs", "1", "--num_train_epochs", "1", "--ppo_steps", "2",
@@ -23,10 +22,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("study_kl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("study_kl")
 
 
 def brute_force_frontier(rows: list[dict], budget: float) -> dict[str, list[float]]:
