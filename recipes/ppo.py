@@ -69,7 +69,7 @@ class PPOScriptArguments(WorldArguments):
     Parameters that control the comparison:
         methods, penalty, k: `trl_bayes.experiments.ppo_study.METHODS` (MAP, LA, LA-rel, LA-Ens, Ens-UWO and the
             typicality baselines Prior-rel, Hidden-Euc, Hidden-Maha); every penalized method uses `penalty` (Ens-UWO:
-            `uwo`) with the one strength `k` (PenalizedReward's default, 1), fixed before the run.
+            `uwo`) with the one strength `k` (this recipe's `--k`, default 1), fixed before the run.
         uncertainty, num_reference_samples: the variance LA / LA-Ens penalize: `marginal` (J Σ J^T, the paper's) or
             `relative` (Var(r - mean of the prompt's reference completions): PPO scores one completion per prompt, so
             the group is `num_reference_samples` samples of the SFT (reference) policy per prompt, drawn once and
@@ -130,7 +130,7 @@ class PPOScriptArguments(WorldArguments):
             raise ValueError(f"--uncertainty {self.uncertainty!r}: choose 'marginal' or 'relative'.")
         if any(uses_reference(m, self) for m in self.methods) and self.num_reference_samples < 1:
             raise ValueError("--num_reference_samples must be >= 1 with --uncertainty relative, LA-rel or a baseline.")
-        for method in set(self.methods) & set(ENSEMBLE_METHODS):
+        for method in [m for m in self.methods if m in ENSEMBLE_METHODS]:
             if self.ensemble_size < 2:
                 raise ValueError(
                     f"--ensemble_size {self.ensemble_size}: {method} needs >= 2 members; raise it or drop {method}."

@@ -275,7 +275,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         value_model = GPTNeoXForTokenClassification(gpt_neox_config(reward_shape, vocab_size, tokenizer, num_labels=1))
     micro = min(args.ppo_batch_size, 16)
     # One completion per prompt: the paper's marginal std penalty, k in reward units.
-    ppo_reward = PenalizedReward(posterior, "std", 1.0, bs, uncertainty="marginal", scale="absolute")
+    ppo_reward = PenalizedReward(
+        posterior, penalty="std", k=1.0, batch_size=bs, uncertainty="marginal", scale="absolute"
+    )
     ppo = PPOTrainer(
         ppo_policy,
         ppo_reward,

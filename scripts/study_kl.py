@@ -12,7 +12,7 @@ objective against 0.2 for a single reward model):
 - methods `METHODS`: MAP, LA (the paper's marginal variance), LA-rel (relative variance on 8 reference samples per
   prompt), Ens-UWO (4 MAP proxies, mean - k * their variance) and Hidden-Maha (the Mahalanobis hidden-state distance
   to the prompt's reference samples: the best typicality baseline of issue 16's Best-of-N re-check); every penalty
-  `std` (Ens-UWO: `uwo`) with k = 1, `PenalizedReward`'s default, for every method (no k is chosen on results);
+  `std` (Ens-UWO: `uwo`) with k = 1, recipes/ppo.py's default `--k`, for every method (no k is chosen on results);
 - seeds 0, 1, 2 (each: its own proxies and PPO seed, the same for every method and β);
 - the scale `SCALE`: recipes/ppo.py's default run (40 steps x 64 completions), measured to fit: the 60 runs take about
   25 CPU-minutes, 13-15 minutes on 2 CPU cores with 2 worker processes (docs/uncertainty_study.md).

@@ -54,6 +54,8 @@ from pathlib import Path
 from statistics import mean, pstdev
 from typing import Any
 
+from trl_bayes.experiments.best_of_n_study import METHOD_UNCERTAINTIES
+
 REPO = Path(__file__).resolve().parents[1]
 BON = REPO / "recipes" / "bon.py"
 # Per proxy backbone, the bon.py flags that select it: the default run's, or the MiniLM config.
@@ -373,13 +375,7 @@ def plot(path: Path, rows: list[dict], penalty: str = "std") -> None:
 
 
 # `PenalizedReward(uncertainty=...)` of each bon.py method a single reward model runs: the candidates of the defaults.
-SINGLE_MODEL_OPTIONS = {
-    "LA": "marginal",
-    "LA-rel": "relative",
-    "Prior-rel": "prior_relative",
-    "Hidden-Euc": "hidden_euclidean",
-    "Hidden-Maha": "hidden_mahalanobis",
-}
+SINGLE_MODEL_OPTIONS = METHOD_UNCERTAINTIES
 
 
 def choose_defaults(run_dirs: dict[tuple[str, str], Path]) -> dict[str, Any]:

@@ -72,6 +72,7 @@ def low_rank_eigh(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.ormqr(reflectors, tau, torch.eye(d, dtype=rows.dtype, device=rows.device))
     r = reflectors[:n].triu()
     values, vectors = torch.linalg.eigh(r @ r.T)
+    values.clamp_(min=0)  # R R^T is PSD: round-off negatives to 0, as laplace-torch's `symeig` does
     q[:, :n] = q[:, :n] @ vectors  # rotate the range's basis onto R R^T's eigenvectors, in place (no d x d copy)
     return torch.cat([values, values.new_zeros(d - n)]), q
 

@@ -289,8 +289,8 @@ def lean_settings(model: torch.nn.Module, generation_config: GenerationConfig) -
     if type(model).prepare_inputs_for_generation is not GenerationMixin.prepare_inputs_for_generation:
         return None
     accepted = inspect.signature(model.forward).parameters
-    if not {"attention_mask", "position_ids", "logits_to_keep"} <= accepted.keys():
-        return None
+    if not {"attention_mask", "position_ids", "logits_to_keep", "cache"} <= accepted.keys():
+        return None  # e.g. remote code still on `past_key_values`: a `cache` would land in **kwargs, unused
     # Only mps defers generate's stop check by a step (one more sample drawn, then undone).
     if model.device.type == "mps":
         return None

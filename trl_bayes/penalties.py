@@ -342,7 +342,8 @@ class PenalizedReward:
             the option. Every option but `"marginal"` is measured within the completions of the same prompt in the
             call (Best-of-N's candidates, GRPO/RLOO's `num_generations` group), or against `reference`'s completions
             when given; a prompt with a single completion and no `reference` is refused. Ensembles: per member, then
-            combined.
+            combined as variances of a mean (sum / M^2): with `scale="absolute"` the meaning of k then depends on M,
+            with `scale="prompt"` it does not.
             `"hidden_mahalanobis"` (the default): squared Mahalanobis distance of the reward model's last hidden
             state (what its head reads) to its prompt group's mean, under the group's covariance shrunk towards its
             diagonal. Typicality: no posterior, no backward.

@@ -146,11 +146,7 @@ class BayesianRewardModel:
         Returns:
             `mean` and `var`, float tensors of shape `(B,)` on the CPU.
         """
-        if len(prompts) != len(completions):
-            raise ValueError(
-                f"Got {len(prompts)} prompts but {len(completions)} completions: pass one prompt per completion."
-            )
-        ids = tokenize_responses(self.tokenizer, prompts, completions)
+        ids = tokenize_responses(self.tokenizer, prompts, completions)  # refuses unequal lengths
         return self.predict_ids(
             ids,
             batch_size=batch_size,

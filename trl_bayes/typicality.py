@@ -210,9 +210,7 @@ def predict_hidden(
     (`None`: the token budget `max_tokens`) as `hidden_features`. `return_rewards=True` returns `(features, means)`,
     `means` `(B,)` equal to `model.predict(prompts, completions, batch_size, return_var=False)[0]` (same batching):
     features and MAP rewards from one forward pass."""
-    if len(prompts) != len(completions):
-        raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions: one prompt per completion.")
-    ids = tokenize_responses(model.tokenizer, prompts, completions)
+    ids = tokenize_responses(model.tokenizer, prompts, completions)  # refuses unequal lengths
     return hidden_features(model.model, ids, model.tokenizer.pad_token_id, batch_size, max_tokens, return_rewards)
 
 

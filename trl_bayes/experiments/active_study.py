@@ -310,8 +310,9 @@ def round_stage(job: ChainJob, r: int) -> Stage:
     `<cache>/active/seed<s>-round0`, for every strategy and `warm_start`; later rounds in `<cache>/active/` or, warm-
     started, `<cache>/active-warm-start-<epochs>/`, so that the two never overwrite each other's rounds."""
     key = {**job.key, "seed": job.seed, "round": r}
-    if r == 0:
-        key["active"] = [*key["active"][:4], False, None]
+    if r == 0:  # trained on the initial labels alone: neither the pool nor how later rounds train decides it
+        key["active"] = {"initial_pairs": key["active"]["initial_pairs"]}
+        key["stages"] = {name: v for name, v in key["stages"].items() if name != "active_pool"}
         return Stage(job.cache / "active", f"seed{job.seed}-round0", {**key, "strategy": None})
     folder = f"active-warm-start-{job.args.warm_start_epochs}" if job.args.warm_start else "active"
     return Stage(job.cache / folder, f"{job.strategy}-seed{job.seed}-round{r}", {**key, "strategy": job.strategy})
@@ -382,14 +383,19 @@ def run_chain_job(job: ChainJob) -> list[dict[str, Any]]:
     return records
 
 
-def study_key(args, training_args, model_args) -> dict[str, Any]:
-    """What decides every round's result: the world, the pairs, the pool, the reward models, the evaluation."""
+def study_key(args, training_args, model_args, cache: Path) -> dict[str, Any]:
+    """What decides every round's result: the reward models' settings, the active-learning settings, the evaluation,
+    and the keys of the cached stages the rounds read (pairs, pool, Best-of-N samples and their gold scores), so that
+    a change upstream (sampling, gold, batching, pair counts) is never answered from stale rounds."""
     from trl_bayes.experiments.proxies import proxy_key
 
     key = proxy_key(args, training_args, model_args)
-    key["active"] = [args.initial_pairs, args.pairs_per_round, args.pool_candidates, args.pool_seed,
-                     args.warm_start, args.warm_start_epochs if args.warm_start else None]  # fmt: skip
+    key["active"] = {"initial_pairs": args.initial_pairs, "pairs_per_round": args.pairs_per_round,
+                     "pool_candidates": args.pool_candidates, "pool_seed": args.pool_seed,
+                     "warm_start": args.warm_start, "warm_start_epochs": args.warm_start_epochs if args.warm_start else None}  # fmt: skip
     key["evaluation"] = [args.num_bon_prompts, args.ns, args.la_rel_k, args.num_samples, args.sampling_seed]
+    key["stages"] = {name: json.loads((cache / name / "done.json").read_text())
+                     for name in ("pairs", "active_pool", "samples", "scores/gold")}  # fmt: skip
     return key
 
 
@@ -406,7 +412,13 @@ def run_study(args, training_args, model_args, pool, train_pairs, held_out, bon,
     from trl_bayes.experiments.workers import Workers
 
     workers = workers or Workers(1)
-    key = study_key(args, training_args, model_args)
+    budget = args.num_rounds * args.pairs_per_round
+    if budget > len(pool["pairs"]):  # before any round trains, not inside a worker after the first rounds
+        raise ValueError(
+            f"--num_rounds {args.num_rounds} x --pairs_per_round {args.pairs_per_round} = {budget} pairs, but the pool "
+            f"has {len(pool['pairs'])}: lower them, or raise --pool_candidates."
+        )
+    key = study_key(args, training_args, model_args, cache)
     held = {k: list(held_out[k]) for k in ("prompt", "chosen", "rejected")}
     common = dict(pool=pool, held_out=held, bon=bon, policy_path=policy_path, args=args,
                   training_args=training_args, model_args=model_args)  # fmt: skip

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from trl_bayes.experiments.best_of_n_study import (
+    MAX_GRID_STEPS,
     METHODS,
     SAMPLE_COLUMNS,
     SELECTED_METHODS,
@@ -300,7 +301,7 @@ def write_summary(
         lines.append(f"- 'k chosen on validation': each seed's k from {args.ks} with the best gold at n={n_max} on "
                      f"{args.num_validation_prompts} validation prompts (held out, never reported; `k_selection.csv`); "
                      "when the pick is the grid's largest or smallest nonzero k, the grid is extended (x2 above, /2 "
-                     "below, at most 4 steps) and k picked again (reported curves of added ks: "
+                     f"below, at most {MAX_GRID_STEPS} steps) and k picked again (reported curves of added ks: "
                      "`bon_results_extended.csv`)")  # fmt: skip
     mp = next((t for t in table if t["method"] == "MAP"), None)
     lines += [

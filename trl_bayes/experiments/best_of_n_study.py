@@ -30,6 +30,14 @@ TYPICALITY_COLUMNS = {
     "Hidden-Maha": "hidden_mahalanobis",  # the same under the candidates' shrunk covariance
     "SFT-NLL": "sft_nll_squared",  # the SFT policy's mean per-token NLL, squared
 }
+# The method of each `PenalizedReward(uncertainty=...)` option a single reward model runs (the studies' candidates).
+METHOD_UNCERTAINTIES = {
+    "LA": "marginal",
+    "LA-rel": "relative",
+    "Prior-rel": "prior_relative",
+    "Hidden-Euc": "hidden_euclidean",
+    "Hidden-Maha": "hidden_mahalanobis",
+}
 # Every uncertainty of member 0's scores -> its column (squared): the Laplace variances, then the typicality baselines'.
 # Named as `PenalizedReward(uncertainty=...)`'s options (`trl_bayes.penalties.UNCERTAINTIES`; the SFT NLL, not one of
 # them, `sft_nll`): the diagnostics' `uncertainty` column (best_of_n_report) asks of each "does it flag the exploit?".
@@ -395,7 +403,7 @@ def run_typicality_job(job: TypicalityJob, state=None) -> None:
         def nll(p, c):
             return completion_nll(policy, tokenizer, p, c, batch_size=job.batch_size).tolist()
 
-        columns = {"sft_nll_squared": np.square(score_sharded(nll, job.prompts, job.completions, state))}
+        columns = {TYPICALITY_COLUMNS["SFT-NLL"]: np.square(score_sharded(nll, job.prompts, job.completions, state))}
     else:
         model = BayesianRewardModel.from_pretrained(job.model_path, device=state.device)
 
@@ -414,7 +422,7 @@ def run_typicality_job(job: TypicalityJob, state=None) -> None:
             mahalanobis = group_mahalanobis(features, groups, weights, shrinkage=DEFAULT_SHRINKAGE)
             return list(zip(rows.tolist(), euclidean.tolist(), mahalanobis.tolist(), strict=True))
 
-        names = ["prior_rel_var"] if job.quantity == "prior_relative" else ["hidden_euclidean", "hidden_mahalanobis"]
+        names = [TYPICALITY_COLUMNS[method] for method in TYPICALITY_QUANTITIES[job.quantity]]
         values = np.full((len(job.prompts), len(names)), np.nan)
         for u, *record in shard_prompts(score, len(job.prompt_rows), state):
             values[u] = record

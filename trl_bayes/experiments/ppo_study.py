@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from trl_bayes.experiments.best_of_n_study import METHOD_UNCERTAINTIES
 from trl_bayes.experiments.rl_report import method_label
 from trl_bayes.experiments.stages import Stage, generation_config, load_policy, world_plan, world_settings
 from trl_bayes.experiments.workers import run_jobs
@@ -23,9 +24,7 @@ rewards, Coste et al.); `Prior-rel`, `Hidden-Euc`, `Hidden-Maha` the typicality 
 ENSEMBLE_METHODS = ("LA-Ens", "Ens-UWO")
 """Methods whose reward combines the seed's `ensemble_size` proxies (the others use member 0)."""
 BASELINE_UNCERTAINTIES = {
-    "Prior-rel": "prior_relative",
-    "Hidden-Euc": "hidden_euclidean",
-    "Hidden-Maha": "hidden_mahalanobis",
+    method: METHOD_UNCERTAINTIES[method] for method in ("Prior-rel", "Hidden-Euc", "Hidden-Maha")
 }
 """The `PenalizedReward(uncertainty=...)` option of each baseline method."""
 CSV_COLUMNS = ["method", "penalty", "k", "seed", "step", "kl", "proxy_reward", "gold_reward"]
