@@ -4,6 +4,7 @@ follow it (up to the requested noise)."""
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -176,3 +177,16 @@ def test_rare_world_demonstrations_make_the_best_answers_rare():
     plain = make_demonstrations(split_prompts(lists)[0], lists)
     by_chance = sum(closes_list(prompt_category(p), d) for p, d in zip(*plain[:].values(), strict=True)) / len(plain)
     assert by_chance < frequency - 0.01, (by_chance, frequency)
+
+
+def test_closing_a_list_never_fails_when_the_head_holds_every_item():
+    """With long demonstrations a head can hold all of a category's items: there is no new item to close the list
+    with, so it stays open rather than raising."""
+    from trl_bayes.experiments.world import CATEGORIES, WorldConfig, demonstration
+
+    config = WorldConfig(max_demo_words=40, p_closed_list=1.0)
+    rng = random.Random(0)
+    demos = [(c, demonstration(rng, c, config)) for c in CATEGORIES for _ in range(200)]  # raised IndexError before
+    full = [d for c, d in demos if set(CATEGORIES[c]) <= set(d.split()[:-2])]
+    assert full, "no demonstration held every item: the case is not exercised"
+    assert any(closes_list(c, d) for c, d in demos)  # the others still close

@@ -371,7 +371,9 @@ def demonstration(rng: random.Random, category: str, config: WorldConfig) -> str
         head = words[:-2]
         if not any(w in items for w in head):
             head[0] = rng.choice(items)
-        words = [*head, "and", rng.choice([w for w in items if w not in head])]
+        unused = [w for w in items if w not in head]
+        if unused:  # a head holding every item of the category (long demonstrations) stays open
+            words = [*head, "and", rng.choice(unused)]
     return " ".join(words)
 
 
